@@ -1,0 +1,257 @@
+"""FrozenBackboneModule: the base LightningModule of every frozen-backbone evaluation (kNN, linear, dense heads).
+
+It owns one thing: a DINOv3 backbone that is loaded, frozen and kept in ``eval()`` mode, plus helpers that turn
+images into the features the evaluation protocols use. Subclasses add a head, a loss and metrics.
+
+Subclass contract (see docs/extending.md):
+
+- call ``super().__init__(arch=..., weights=..., backbone_kwargs=..., feature_type=..., n_last_blocks=...)`` then
+  ``self.save_hyperparameters()`` in your own ``__init__``;
+- get features with ``self.features(images)`` ([B, F], sized by ``self.feature_dim``), ``self.extract(images)``
+  (final-layer token dict) or ``self.patch_maps(images, layers)`` ([B, D, h, w] maps for dense heads);
+- those helpers run the backbone under ``torch.no_grad()`` (and bf16 autocast on CUDA) while it is frozen and
+  always return float32, so heads train in full precision;
+- ``configure_optimizers`` should optimise ``self.trainable_parameters()`` (the backbone's are excluded while it
+  is frozen);
+- to fine-tune instead of probing, call ``self.unfreeze_last_blocks(k)`` in ``__init__``: the last ``k`` blocks
+  (``-1``: all of the backbone) then train and the helpers run them with gradients; everything else stays frozen.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+
+from dinov3_pl.models.backbone import DINOv3Backbone
+
+__all__ = ["FeatureType", "FrozenBackboneModule", "build_eval_backbone", "feature_dim"]
+
+FeatureType = Literal["cls", "cls_meanpatch", "meanpatch"]
+FEATURE_TYPES: tuple[str, ...] = ("cls", "cls_meanpatch", "meanpatch")
+
+# Marker stored in checkpoints whose frozen backbone weights were left out (they are rebuilt from ``weights``).
+_OMITTED_KEY = "frozen_backbone_omitted"
+
+
+def build_eval_backbone(arch: str, weights: str | None, backbone_kwargs: dict | None) -> nn.Module:
+    """Builds the backbone to evaluate: ``arch`` + timm overrides, weights from a file or a dinov3-pl ``.ckpt``.
+
+    Uses ``dinov3_pl.models.weights.build_backbone`` when available (it reads the architecture recorded in a
+    dinov3-pl checkpoint), else ``DINOv3Backbone(arch, weights=weights, **backbone_kwargs)``.
+    """
+    overrides = dict(backbone_kwargs or {})
+    try:
+        from dinov3_pl.models.weights import build_backbone
+    except ImportError:
+        return DINOv3Backbone(arch, weights=weights, **overrides)
+    return build_backbone(arch, weights, **overrides)
+
+
+def feature_dim(embed_dim: int, feature_type: str, n_last_blocks: int = 1) -> int:
+    """Length of the vector ``FrozenBackboneModule.features`` returns for this feature type."""
+    if feature_type == "cls":
+        return n_last_blocks * embed_dim
+    if feature_type == "cls_meanpatch":
+        return n_last_blocks * embed_dim + embed_dim
+    if feature_type == "meanpatch":
+        return embed_dim
+    raise ValueError(f"feature_type must be one of {FEATURE_TYPES}, got {feature_type!r}")
+
+
+class FrozenBackboneModule(L.LightningModule):
+    """A LightningModule around a frozen DINOv3 backbone; the base of the evaluation modules.
+
+    Args:
+        arch: timm DINOv3 model name, e.g. ``vit_small_patch16_dinov3``. Ignored in favour of the recorded
+            architecture when ``weights`` is a dinov3-pl ``.ckpt``.
+        weights: backbone weights (upstream ``.pth``, Hugging Face folder/safetensors, timm state dict or a
+            dinov3-pl ``.ckpt``); ``None`` evaluates a randomly initialised backbone (a baseline).
+        backbone_kwargs: timm overrides, e.g. ``{"depth": 2, "embed_dim": 96, "patch_size": 4, "img_size": 32}``.
+        feature_type: what ``features()`` returns: ``"cls"`` (class token), ``"cls_meanpatch"`` (class token and
+            mean patch token concatenated, the upstream linear protocol) or ``"meanpatch"``.
+        n_last_blocks: concatenate the class tokens of the last ``n`` blocks (each after the final norm), as
+            upstream linear evaluation does; the mean patch token always comes from the last block.
+        cache_eval_features: keep the features of validation/test/predict samples in memory, keyed by
+            ``(stage, dataloader index, sample index)``, so a backbone pass is done once per sample. Needs batches
+            with an ``"indices"`` entry and a deterministic (non-augmented) eval transform.
+    """
+
+    def __init__(
+        self,
+        arch: str = "vit_small_patch16_dinov3",
+        weights: str | None = None,
+        backbone_kwargs: dict | None = None,
+        feature_type: FeatureType = "cls",
+        n_last_blocks: int = 1,
+        cache_eval_features: bool = False,
+    ) -> None:
+        super().__init__()
+        if feature_type not in FEATURE_TYPES:
+            raise ValueError(f"feature_type must be one of {FEATURE_TYPES}, got {feature_type!r}")
+        if n_last_blocks < 1:
+            raise ValueError(f"n_last_blocks must be >= 1, got {n_last_blocks}")
+        self.feature_type = feature_type
+        self.n_last_blocks = n_last_blocks
+        self.cache_eval_features = cache_eval_features
+        self.backbone_weights = weights
+        self.backbone = build_eval_backbone(arch, weights, backbone_kwargs)
+        depth = getattr(self.backbone, "depth", None)
+        if depth is not None and n_last_blocks > depth:
+            raise ValueError(f"n_last_blocks={n_last_blocks} exceeds the backbone depth {depth}")
+        self.embed_dim: int = self.backbone.embed_dim
+        self.patch_size: int = self.backbone.patch_size
+        self.feature_dim: int = feature_dim(self.embed_dim, feature_type, n_last_blocks)
+        self.trainable_backbone_modules: list[nn.Module] = []
+        self._feature_cache: dict[tuple[str, int], dict[int, Tensor]] = {}
+        self.backbone.requires_grad_(False)
+        self.backbone.eval()
+
+    # ------------------------------------------------------------------------------------ freezing and modes
+    @property
+    def backbone_frozen(self) -> bool:
+        """True when no backbone parameter is trained (a pure probe)."""
+        return not self.trainable_backbone_modules
+
+    def unfreeze_last_blocks(self, num_blocks: int) -> None:
+        """Makes the last ``num_blocks`` transformer blocks and the final norm trainable; ``-1``: the whole backbone.
+
+        ``0`` keeps everything frozen. Trainable modules follow Lightning's train/eval switches; the rest stays in
+        ``eval()`` and under ``requires_grad=False``.
+        """
+        blocks = list(self.backbone.vit.blocks)
+        if num_blocks < -1 or num_blocks > len(blocks):
+            raise ValueError(f"num_blocks must be -1 (all) or in [0, {len(blocks)}], got {num_blocks}")
+        self.backbone.requires_grad_(False)
+        if num_blocks == -1:
+            modules: list[nn.Module] = [self.backbone]
+        elif num_blocks == 0:
+            modules = []
+        else:
+            modules = [*blocks[-num_blocks:], self.backbone.vit.norm]
+        for module in modules:
+            module.requires_grad_(True)
+        self.trainable_backbone_modules = modules
+        self._feature_cache.clear()
+        self._set_backbone_modes()
+
+    def _set_backbone_modes(self) -> None:
+        # The frozen part is always in eval(); trainable parts follow the module's own mode.
+        self.backbone.eval()
+        for module in self.trainable_backbone_modules:
+            module.train(self.training)
+
+    def train(self, mode: bool = True) -> FrozenBackboneModule:
+        """Lightning calls ``.train()`` before every training epoch; the frozen backbone must stay in eval()."""
+        super().train(mode)
+        self._set_backbone_modes()
+        return self
+
+    def on_train_epoch_start(self) -> None:
+        # Second line of defence: Lightning restores per-module modes itself after validation in some versions.
+        self._set_backbone_modes()
+
+    def trainable_parameters(self) -> Iterator[nn.Parameter]:
+        """Parameters that need an optimiser: everything with ``requires_grad`` (heads, unfrozen blocks)."""
+        return (p for p in self.parameters() if p.requires_grad)
+
+    # ------------------------------------------------------------------------------------ running the backbone
+    @contextlib.contextmanager
+    def backbone_context(self) -> Iterator[None]:
+        """``no_grad`` while frozen, bf16 autocast on CUDA (the released DINOv3 models run in bf16)."""
+        grad = contextlib.nullcontext() if not self.backbone_frozen and torch.is_grad_enabled() else torch.no_grad()
+        device_type = self.device.type
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device_type == "cuda" else contextlib.nullcontext()
+        with grad, autocast:
+            yield
+
+    def extract(self, images: Tensor) -> dict[str, Tensor]:
+        """Final-layer tokens ``{"cls": [B, D], "storage": [B, R, D], "patch": [B, N, D]}`` in float32."""
+        with self.backbone_context():
+            out = self.backbone(images)
+        return {key: value.float() for key, value in out.items()}
+
+    def features(self, images: Tensor, feature_type: str | None = None, n_last_blocks: int | None = None) -> Tensor:
+        """Image-level features [B, F] (float32); defaults to the module's ``feature_type`` and ``n_last_blocks``.
+
+        ``"cls"``: class tokens of the last ``n`` blocks concatenated (oldest first); ``"cls_meanpatch"``: the same
+        followed by the mean of the last block's patch tokens (upstream ``create_linear_input``); ``"meanpatch"``:
+        the mean patch token only. Every token is taken after the backbone's final norm.
+        """
+        feature_type = feature_type or self.feature_type
+        n_last_blocks = n_last_blocks or self.n_last_blocks
+        if feature_type not in FEATURE_TYPES:
+            raise ValueError(f"feature_type must be one of {FEATURE_TYPES}, got {feature_type!r}")
+        with self.backbone_context():
+            if n_last_blocks == 1:
+                out = self.backbone(images)
+                class_tokens, last_patch = [out["cls"]], out["patch"]
+            else:
+                layers = self.backbone.get_intermediate_layers(images, n=n_last_blocks, return_class_token=True)
+                class_tokens = [cls for _, cls in layers]
+                last_patch = layers[-1][0]
+        if feature_type == "meanpatch":
+            parts = [last_patch.mean(dim=1)]
+        elif feature_type == "cls":
+            parts = class_tokens
+        else:
+            parts = [*class_tokens, last_patch.mean(dim=1)]
+        return torch.cat(parts, dim=-1).float()
+
+    def patch_maps(self, images: Tensor, layers: int | Sequence[int] = 1, concat: bool = True) -> Tensor | list[Tensor]:
+        """Patch-token maps for dense heads, each [B, D, H/p, W/p] (float32, after the final norm).
+
+        ``layers``: the last ``n`` blocks (int) or block indices (negative allowed). With ``concat`` the maps are
+        concatenated along channels ([B, len·D, h, w], upstream's multi-layer linear segmentation input); else a
+        list in the order asked.
+        """
+        with self.backbone_context():
+            maps = self.backbone.get_intermediate_layers(images, n=layers, reshape=True, norm=True)
+        maps = [m.float() for m in maps]
+        return torch.cat(maps, dim=1) if concat else maps
+
+    # ------------------------------------------------------------------------------------ feature cache
+    def batch_features(self, batch: dict[str, Any], stage: str, dataloader_idx: int = 0) -> Tensor:
+        """``features(batch["images"])``, served from the eval feature cache when it is on and applicable.
+
+        The cache is used only in the validation/test/predict stages (``stage`` in {"val", "test", "predict"}),
+        only while the backbone is frozen, and only for batches with ``"indices"``.
+        """
+        images = batch["images"]
+        indices = batch.get("indices")
+        usable = self.cache_eval_features and self.backbone_frozen and indices is not None
+        if not usable or stage not in ("val", "test", "predict"):
+            return self.features(images)
+        store = self._feature_cache.setdefault((stage, dataloader_idx), {})
+        keys = [int(i) for i in indices]
+        if all(key in store for key in keys):
+            return torch.stack([store[key] for key in keys]).to(self.device)
+        feats = self.features(images)
+        # CPU copies: eval features of a large set should not pin accelerator memory.
+        for key, row in zip(keys, feats.detach().cpu(), strict=True):
+            store[key] = row.clone()
+        return feats
+
+    def clear_feature_cache(self) -> None:
+        """Drops cached eval features (call it if the eval data change between runs)."""
+        self._feature_cache.clear()
+
+    # ------------------------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Leaves the frozen backbone out of the checkpoint when it can be rebuilt from ``weights``."""
+        if self.backbone_frozen and self.backbone_weights is not None:
+            state = checkpoint.get("state_dict", {})
+            for key in [k for k in state if k.startswith("backbone.")]:
+                del state[key]
+            checkpoint[_OMITTED_KEY] = True
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Puts the backbone (rebuilt from ``weights`` in ``__init__``) back into a checkpoint that omitted it."""
+        if checkpoint.get(_OMITTED_KEY):
+            state = checkpoint.setdefault("state_dict", {})
+            for key, value in self.backbone.state_dict().items():
+                state.setdefault(f"backbone.{key}", value)
