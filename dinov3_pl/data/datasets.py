@@ -1,0 +1,404 @@
+"""Datasets returning per-sample dicts (see notes/CONTRACTS.md "Samples").
+
+Every dataset yields ``{"image": uint8 [H, W, 3], "label": int}`` (label ``-1`` when unknown) plus, where the data
+has them, ``"mask"`` (uint8 [H, W], 0 = background, class c -> c + 1), ``"boxes"`` (float32 [K, 4] xyxy pixels),
+``"box_labels"`` (int64 [K]) and ``"path"``.
+
+- :class:`SyntheticShapes`: embedded, generated on the fly from ``(seed, index)``; the default demo data.
+- :class:`FashionMNIST`: reads the original idx ``.gz`` files with numpy (Debian ``dataset-fashion-mnist`` or
+  torchvision's ``FashionMNIST/raw`` layout).
+- :class:`ImageFolder`: any PIL-readable images below a folder; bad files are skipped (``None``) or raise.
+"""
+
+from __future__ import annotations
+
+import gzip
+import math
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from torch.utils.data import Dataset
+
+__all__ = [
+    "SyntheticShapes",
+    "FashionMNIST",
+    "ImageFolder",
+    "default_fashion_mnist_root",
+    "FASHION_MNIST_DEBIAN_ROOT",
+]
+
+Sample = dict[str, Any]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# SyntheticShapes
+# --------------------------------------------------------------------------------------------------------------------
+
+SHAPE_CLASS_NAMES: tuple[str, ...] = (
+    "circle",
+    "square",
+    "triangle",
+    "cross",
+    "ring",
+    "star",
+    "horizontal_bar",
+    "diamond",
+)
+
+
+def _shape_inside(shape_index: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Boolean membership of the unit-size shape ``shape_index`` at local coordinates (u right, v down).
+
+    Every shape fits in the unit disc and fills a good part of it, so its size is set by one radius.
+    Shapes are chosen so that a small rotation (<= 15 degrees) never turns one class into another
+    (square vs diamond differ by 45 degrees, the bar stays horizontal).
+    """
+    if shape_index == 0:  # circle
+        return u * u + v * v <= 1.0
+    if shape_index == 1:  # square
+        return np.maximum(np.abs(u), np.abs(v)) <= 0.75
+    if shape_index == 2:  # equilateral triangle pointing up, circumradius 1 (inradius 0.5)
+        edge_normals = ((0.0, 1.0), (-math.sqrt(3) / 2, -0.5), (math.sqrt(3) / 2, -0.5))
+        inside = np.ones_like(u, dtype=bool)
+        for nu, nv in edge_normals:
+            inside &= u * nu + v * nv <= 0.5
+        return inside
+    if shape_index == 3:  # plus-shaped cross
+        au, av = np.abs(u), np.abs(v)
+        return ((au <= 0.3) & (av <= 1.0)) | ((av <= 0.3) & (au <= 1.0))
+    if shape_index == 4:  # ring
+        rho2 = u * u + v * v
+        return (rho2 <= 1.0) & (rho2 >= 0.55**2)
+    if shape_index == 5:  # five-pointed star, tip pointing up
+        rho = np.sqrt(u * u + v * v)
+        sector = 2 * math.pi / 5
+        phase = np.mod(np.arctan2(u, -v), sector) / sector  # 0 at a tip, 0.5 between tips
+        tip_closeness = np.abs(2.0 * phase - 1.0)  # 1 at tips, 0 in the valleys
+        return rho <= 0.38 + 0.62 * tip_closeness
+    if shape_index == 6:  # horizontal bar
+        return (np.abs(u) <= 1.0) & (np.abs(v) <= 0.28)
+    if shape_index == 7:  # diamond
+        return np.abs(u) + np.abs(v) <= 1.0
+    raise ValueError(f"unknown shape index {shape_index}")
+
+
+class SyntheticShapes(Dataset):
+    """Embedded toy dataset of coloured shapes on noisy, textured backgrounds; no files needed.
+
+    Each image holds 1-3 shapes; the label is the class of the largest one (drawn last, on top, fully inside the
+    image). Classes differ by shape only: colours, position, size, a small rotation and aspect jitter are random,
+    so a model has to learn shape to predict the label. Sample ``i`` depends only on ``(seed, i)``.
+
+    Returns ``image`` uint8 [S, S, 3], ``label``, ``mask`` uint8 [S, S] (0 = background, class c -> c + 1, the
+    visible pixels of each shape), ``boxes`` float32 [K, 4] (xyxy, tight box of each shape's visible pixels,
+    x2/y2 exclusive) and ``box_labels`` int64 [K]. Fully occluded distractors have no box.
+    """
+
+    class_names: tuple[str, ...] = SHAPE_CLASS_NAMES
+    num_classes: int = len(SHAPE_CLASS_NAMES)
+
+    def __init__(self, num_samples: int = 2048, image_size: int = 64, seed: int = 0) -> None:
+        if num_samples <= 0:
+            raise ValueError(f"num_samples must be positive, got {num_samples}")
+        if image_size < 16:
+            raise ValueError(f"image_size must be at least 16 pixels, got {image_size}")
+        self.num_samples = int(num_samples)
+        self.image_size = int(image_size)
+        self.seed = int(seed)
+        # Pixel-centre coordinates, shared by every sample.
+        coords = np.arange(self.image_size, dtype=np.float32) + 0.5
+        self._ys, self._xs = np.meshgrid(coords, coords, indexing="ij")
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    @property
+    def labels(self) -> np.ndarray:
+        """Class of every sample (the main shape cycles through the classes, so classes are balanced)."""
+        return np.arange(self.num_samples, dtype=np.int64) % self.num_classes
+
+    def _background(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """Smooth colour gradient + oriented colour stripes; returns the float image [S, S, 3] and its mean colour."""
+        size = self.image_size
+        base = rng.uniform(30, 225, size=3).astype(np.float32)
+        gradient_direction = rng.uniform(0, 2 * math.pi)
+        gradient = (math.cos(gradient_direction) * self._xs + math.sin(gradient_direction) * self._ys) / size - 0.5
+        stripe_direction = rng.uniform(0, math.pi)
+        stripe_frequency = 2 * math.pi / (rng.uniform(0.08, 0.3) * size)
+        stripes = np.sin(
+            (math.cos(stripe_direction) * stripe_frequency) * self._xs
+            + (math.sin(stripe_direction) * stripe_frequency) * self._ys
+        )
+        # One small matrix product mixes the three fields with their colours (faster than broadcasting).
+        fields = np.stack([np.ones_like(gradient), gradient, stripes]).reshape(3, -1)
+        colours = np.stack([base, rng.uniform(-50, 50, size=3), rng.uniform(-25, 25, size=3)]).astype(np.float32)
+        return (fields.T @ colours).reshape(size, size, 3), base
+
+    def _shape_colour(self, rng: np.random.Generator, background_colour: np.ndarray) -> np.ndarray:
+        """A random colour far enough from the background's mean colour to stay visible."""
+        candidates = rng.uniform(0, 255, size=(16, 3)).astype(np.float32)
+        squared_distance = ((candidates - background_colour) ** 2).sum(axis=1)
+        far_enough = squared_distance > 110.0**2
+        return candidates[int(np.argmax(far_enough))] if far_enough.any() else candidates[squared_distance.argmax()]
+
+    def __getitem__(self, index: int) -> Sample:
+        if not 0 <= index < self.num_samples:
+            raise IndexError(f"index {index} out of range for SyntheticShapes of length {self.num_samples}")
+        rng = np.random.default_rng((self.seed, int(index)))
+        size = self.image_size
+        image, background_colour = self._background(rng)
+        instance_map = np.full((size, size), -1, dtype=np.int16)
+
+        main_class = int(index % self.num_classes)
+        num_distractors = int(rng.integers(0, 3))
+        classes = [int(c) for c in rng.integers(0, self.num_classes, size=num_distractors)] + [main_class]
+        # Distractors are clearly smaller than the main shape, so the label is the largest shape.
+        radii = [rng.uniform(0.09, 0.16) * size for _ in range(num_distractors)] + [rng.uniform(0.24, 0.36) * size]
+
+        for instance, (shape_class, radius) in enumerate(zip(classes, radii, strict=True)):
+            is_main = instance == len(classes) - 1
+            margin = radius if is_main else 0.0  # the main shape stays fully inside the image
+            centre_x, centre_y = rng.uniform(margin, size - margin, size=2)
+            angle = rng.uniform(-math.pi / 12, math.pi / 12)
+            stretch = rng.uniform(0.85, 1.15)
+            # Only the window around the shape is evaluated: the shape lies in the unit disc of (u, v), which is
+            # at most radius * 1.18 pixels from the centre after the aspect stretch.
+            half = radius * 1.2 + 1
+            top, bottom = max(int(centre_y - half), 0), min(int(centre_y + half) + 1, size)
+            left, right = max(int(centre_x - half), 0), min(int(centre_x + half) + 1, size)
+            dx = (self._xs[top:bottom, left:right] - centre_x) / radius
+            dy = (self._ys[top:bottom, left:right] - centre_y) / radius
+            cos_a, sin_a = math.cos(angle), math.sin(angle)
+            u = (cos_a * dx + sin_a * dy) * stretch
+            v = (-sin_a * dx + cos_a * dy) / stretch
+            inside = _shape_inside(shape_class, u, v)
+            colour = self._shape_colour(rng, background_colour)
+            # Slight shading across the shape so it is not a flat colour.
+            shading = 1.0 + 0.15 * u[inside]
+            image[top:bottom, left:right][inside] = colour * shading[:, None]
+            instance_map[top:bottom, left:right][inside] = instance
+
+        # Luminance noise, one value per pixel for all three channels (cheaper than per-channel noise).
+        image += rng.standard_normal((size, size, 1), dtype=np.float32) * 10.0
+        image = np.clip(image, 0, 255).astype(np.uint8)
+
+        mask = np.zeros((size, size), dtype=np.uint8)
+        boxes, box_labels = [], []
+        for instance, shape_class in enumerate(classes):
+            visible = instance_map == instance
+            if not visible.any():
+                continue
+            mask[visible] = shape_class + 1
+            rows = np.flatnonzero(visible.any(axis=1))
+            cols = np.flatnonzero(visible.any(axis=0))
+            boxes.append([cols[0], rows[0], cols[-1] + 1, rows[-1] + 1])
+            box_labels.append(shape_class)
+        return {
+            "image": image,
+            "label": main_class,
+            "mask": mask,
+            "boxes": np.asarray(boxes, dtype=np.float32).reshape(-1, 4),
+            "box_labels": np.asarray(box_labels, dtype=np.int64),
+        }
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# FashionMNIST
+# --------------------------------------------------------------------------------------------------------------------
+
+FASHION_MNIST_DEBIAN_ROOT = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_CLASS_NAMES: tuple[str, ...] = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
+_FASHION_MNIST_FILES = {
+    True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+_IDX_UBYTE_MAGIC = {1: 0x00000801, 3: 0x00000803}
+
+
+def default_fashion_mnist_root() -> str | None:
+    """The Debian ``dataset-fashion-mnist`` folder if its files are installed, else ``None``."""
+    root = FASHION_MNIST_DEBIAN_ROOT
+    names = [name for pair in _FASHION_MNIST_FILES.values() for name in pair]
+    return str(root) if all((root / f"{name}.gz").is_file() for name in names) else None
+
+
+def read_idx_ubyte(path: str | Path, expected_ndim: int) -> np.ndarray:
+    """Read an idx file of unsigned bytes (gzipped or not) into a numpy array, checking magic number and size."""
+    path = Path(path)
+    raw = path.read_bytes()
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError) as error:
+            raise ValueError(f"{path}: corrupt gzip data ({error})") from error
+    header_bytes = 4 + 4 * expected_ndim
+    if len(raw) < header_bytes:
+        raise ValueError(f"{path}: file too short for an idx header ({len(raw)} bytes)")
+    magic = int.from_bytes(raw[:4], "big")
+    if magic != _IDX_UBYTE_MAGIC[expected_ndim]:
+        raise ValueError(
+            f"{path}: bad idx magic number 0x{magic:08x}, expected 0x{_IDX_UBYTE_MAGIC[expected_ndim]:08x} "
+            f"(unsigned bytes, {expected_ndim} dimension(s))"
+        )
+    shape = tuple(int(d) for d in np.frombuffer(raw, dtype=">i4", count=expected_ndim, offset=4))
+    expected_bytes = int(np.prod(shape))
+    if len(raw) - header_bytes != expected_bytes:
+        raise ValueError(
+            f"{path}: header says shape {shape} ({expected_bytes} bytes) but the file holds "
+            f"{len(raw) - header_bytes} data bytes (truncated or corrupt)"
+        )
+    return np.frombuffer(raw, dtype=np.uint8, offset=header_bytes).reshape(shape)
+
+
+def _find_fashion_mnist_file(root: Path, name: str) -> Path | None:
+    for folder in (root, root / "FashionMNIST" / "raw"):
+        for candidate in (folder / f"{name}.gz", folder / name):
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+class FashionMNIST(Dataset):
+    """Fashion-MNIST read from the original idx files in ``root`` (or ``root/FashionMNIST/raw``).
+
+    ``download=True`` fetches the files with torchvision into ``root`` first. Images are 28x28 grayscale,
+    returned replicated to 3 channels. Attributes ``images`` (uint8 [N, 28, 28]), ``labels`` (int64 [N]).
+    """
+
+    class_names: tuple[str, ...] = FASHION_MNIST_CLASS_NAMES
+    num_classes: int = 10
+
+    def __init__(self, root: str | Path, train: bool = True, download: bool = False) -> None:
+        self.root = Path(root)
+        self.train = bool(train)
+        image_name, label_name = _FASHION_MNIST_FILES[self.train]
+        if download and (
+            _find_fashion_mnist_file(self.root, image_name) is None
+            or _find_fashion_mnist_file(self.root, label_name) is None
+        ):
+            import torchvision
+
+            torchvision.datasets.FashionMNIST(str(self.root), train=self.train, download=True)
+        image_path = _find_fashion_mnist_file(self.root, image_name)
+        label_path = _find_fashion_mnist_file(self.root, label_name)
+        if image_path is None or label_path is None:
+            debian = default_fashion_mnist_root()
+            hint = f" The Debian package's copy is at {debian}." if debian else ""
+            raise FileNotFoundError(
+                f"Fashion-MNIST {'train' if self.train else 'test'} files not found in {self.root} or "
+                f"{self.root / 'FashionMNIST' / 'raw'}: expected {image_name}.gz and {label_name}.gz. "
+                f"Install them with `apt-get install dataset-fashion-mnist` (files in {FASHION_MNIST_DEBIAN_ROOT}) "
+                f"or pass download=True to fetch them with torchvision.{hint}"
+            )
+        self.images = read_idx_ubyte(image_path, expected_ndim=3)
+        self.labels = read_idx_ubyte(label_path, expected_ndim=1).astype(np.int64)
+        if self.images.shape[1:] != (28, 28):
+            raise ValueError(f"{image_path}: expected 28x28 images, got {self.images.shape[1:]}")
+        if len(self.images) != len(self.labels):
+            raise ValueError(
+                f"Fashion-MNIST image/label count mismatch: {image_path} has {len(self.images)} images, "
+                f"{label_path} has {len(self.labels)} labels"
+            )
+        if len(self.labels) and (self.labels.min() < 0 or self.labels.max() >= self.num_classes):
+            raise ValueError(f"{label_path}: labels outside 0..{self.num_classes - 1}")
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> Sample:
+        image = np.repeat(self.images[index][:, :, None], 3, axis=2)
+        return {"image": image, "label": int(self.labels[index])}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# ImageFolder
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _image_extensions() -> set[str]:
+    from PIL import Image
+
+    return {extension.lower() for extension in Image.registered_extensions()}
+
+
+class ImageFolder(Dataset):
+    """All images below ``root`` (recursive, any PIL-readable format), decoded to RGB.
+
+    With ``with_labels=True`` the label is the index of the image's top-level sub-folder in sorted order
+    (``class_names`` lists them). A corrupt, truncated or empty file gives ``None`` with ``on_bad_image="skip"``
+    (the multi-crop collate drops and counts it) or raises an error naming the file with ``"raise"``.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        with_labels: bool = False,
+        on_bad_image: Literal["skip", "raise"] = "skip",
+    ) -> None:
+        if on_bad_image not in ("skip", "raise"):
+            raise ValueError(f"on_bad_image must be 'skip' or 'raise', got {on_bad_image!r}")
+        self.root = Path(root)
+        self.with_labels = bool(with_labels)
+        self.on_bad_image = on_bad_image
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"image folder {self.root} does not exist or is not a directory")
+        extensions = _image_extensions()
+        paths = []
+        for directory, subdirectories, files in os.walk(self.root, followlinks=True):
+            subdirectories[:] = sorted(d for d in subdirectories if not d.startswith("."))
+            for file_name in sorted(files):
+                if not file_name.startswith(".") and os.path.splitext(file_name)[1].lower() in extensions:
+                    paths.append(Path(directory) / file_name)
+        if not paths:
+            raise ValueError(
+                f"image folder {self.root} contains no image files (searched recursively for extensions such as "
+                ".jpg, .jpeg, .png, .webp, .bmp, .tif)"
+            )
+        self.paths: list[Path] = paths
+        self.class_names: tuple[str, ...] = ()
+        self.labels = np.full(len(paths), -1, dtype=np.int64)
+        if self.with_labels:
+            relative_parts = [path.relative_to(self.root).parts for path in paths]
+            loose = [str(p) for p, parts in zip(paths, relative_parts, strict=True) if len(parts) < 2]
+            if loose:
+                raise ValueError(
+                    f"with_labels=True needs every image in a class sub-folder of {self.root}, but "
+                    f"{len(loose)} image(s) are at the top level, e.g. {loose[0]}"
+                )
+            self.class_names = tuple(sorted({parts[0] for parts in relative_parts}))
+            class_index = {name: i for i, name in enumerate(self.class_names)}
+            self.labels = np.asarray([class_index[parts[0]] for parts in relative_parts], dtype=np.int64)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> Sample | None:
+        from PIL import Image
+
+        path = self.paths[index]
+        try:
+            with Image.open(path) as opened:
+                opened.load()  # decode fully now so truncated files fail here, not later
+                image = np.asarray(opened.convert("RGB"), dtype=np.uint8)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+            if self.on_bad_image == "raise":
+                raise ValueError(f"cannot decode image file {path}: {error}") from error
+            return None
+        return {"image": image, "label": int(self.labels[index]), "path": str(path)}
