@@ -43,7 +43,7 @@ class DINOv3Backbone(nn.Module):
     def __init__(
         self,
         arch: str = "vit_small_patch16_dinov3",
-        weights: str | Path | None = None,
+        weights: str | Path | dict | None = None,
         *,
         drop_path_rate: float = 0.0,
         drop_path_uniform: bool = True,
@@ -197,7 +197,7 @@ class DINOv3Backbone(nn.Module):
 
 
 def _patch_coords(grid_hw: tuple[int, int], device: torch.device) -> Tensor:
-    """Patch-centre coordinates in [-1, 1], normalised separately per axis (upstream ``normalize_coords='separate'``)."""
+    """Patch-centre coordinates in [-1, 1], normalised per axis (upstream ``normalize_coords='separate'``)."""
     height, width = grid_hw
     coords_h = (torch.arange(height, device=device, dtype=torch.float32) + 0.5) / height
     coords_w = (torch.arange(width, device=device, dtype=torch.float32) + 0.5) / width
