@@ -138,7 +138,7 @@ class SoftmaxCenter(nn.Module):
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         with fp32_no_autocast(teacher_logits.device):
-            return F.softmax((teacher_logits.float() - self.center) / temperature, dim=-1)
+            return F.softmax((teacher_logits.float() - self.center.float()) / temperature, dim=-1)
 
     @torch.no_grad()
     def update(self, teacher_logits: Tensor, group=None) -> None:
