@@ -1,0 +1,244 @@
+"""Object detection on a frozen DINOv3 backbone: ViT → simple feature pyramid → torchvision Faster R-CNN.
+
+**This protocol is our own.** Upstream DINOv3 evaluates detection with Plain-DETR on a frozen backbone (COCO); we
+use the lighter ViTDet-style recipe (a simple feature pyramid from the last-layer patch map) with torchvision's
+Faster R-CNN, which trains on a CPU at toy scale and needs no custom CUDA ops. Numbers are therefore not
+comparable with the DINOv3 paper's detection numbers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+from torchmetrics.detection import MeanAveragePrecision
+from torchvision.models.detection import FasterRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.ops import MultiScaleRoIAlign
+from torchvision.utils import draw_bounding_boxes
+
+from dinov3_pl.models.dense_heads import SimpleFeaturePyramid
+from dinov3_pl.modules.frozen import FrozenBackboneModule
+from dinov3_pl.modules.segmentation import denormalise, lr_factor
+
+__all__ = ["Detection", "PyramidBackbone", "detection_overlay"]
+
+
+class PyramidBackbone(nn.Module):
+    """The ``backbone`` torchvision's ``FasterRCNN`` calls: frozen-ViT patch map → ``SimpleFeaturePyramid``.
+
+    ``patch_map`` (images → ``[B, D, h, w]``) is a plain callable, not a submodule, so the frozen ViT is owned (and
+    saved) once, by the Lightning module, and not a second time inside the detector.
+    """
+
+    def __init__(self, pyramid: SimpleFeaturePyramid, patch_map: Callable[[Tensor], Tensor]) -> None:
+        super().__init__()
+        self.pyramid = pyramid
+        self.out_channels = pyramid.out_channels
+        self.patch_map = patch_map
+
+    def forward(self, images: Tensor) -> OrderedDict[str, Tensor]:
+        return self.pyramid(self.patch_map(images))
+
+
+def detection_overlay(
+    images: Tensor,
+    targets: Sequence[dict],
+    predictions: Sequence[dict],
+    class_names: Sequence[str] | None = None,
+    score_threshold: float = 0.5,
+) -> Tensor:
+    """``[3, B·H, 2·W]`` uint8 grid, one row per image: ground-truth boxes (green) | predictions above
+    ``score_threshold`` (red, with scores). Labels are 0-based class indices."""
+    name = lambda label: class_names[int(label)] if class_names is not None else str(int(label))
+    rows = []
+    for image, target, prediction in zip(denormalise(images).cpu(), targets, predictions, strict=True):
+        gt = draw_bounding_boxes(image, target["boxes"].cpu(), [name(lab) for lab in target["labels"]], colors="lime")
+        keep = prediction["scores"] >= score_threshold
+        labels = [
+            f"{name(lab)} {score:.2f}"
+            for lab, score in zip(prediction["labels"][keep], prediction["scores"][keep], strict=True)
+        ]
+        pred = draw_bounding_boxes(image, prediction["boxes"][keep].cpu(), labels, colors="red")
+        rows.append(torch.cat([gt, pred], dim=2))
+    return torch.cat(rows, dim=1)
+
+
+class Detection(FrozenBackboneModule):
+    """Frozen DINOv3 backbone + simple feature pyramid + Faster R-CNN (RPN and RoI heads). Our own protocol:
+    upstream DINOv3's detection protocol is Plain-DETR (see the module docstring).
+
+    Only the pyramid, RPN and RoI heads train; the ViT stays frozen and in ``eval()``. Batches are
+    ``{"images": [B,3,H,W] (ImageNet-normalised), "targets": [{"boxes": xyxy pixels, "labels": 0..C-1}]}``
+    (``DetectionDataModule``); torchvision's background class is added internally (``num_classes + 1``) and
+    predictions come back with labels 0..C-1. Metrics: COCO mAP@[.5:.95], mAP50, mAP75 (torchmetrics
+    ``MeanAveragePrecision``, ``faster_coco_eval`` backend, falling back to ``pycocotools``).
+
+    Args:
+        num_classes: object classes, without background.
+        image_size: torchvision's internal resize target (``min_size`` = ``max_size`` = ``image_size``), so images
+            already that size are not rescaled; set ``min_size``/``max_size`` to resize on purpose.
+        pyramid_channels, pyramid_strides, top_pool: the ``SimpleFeaturePyramid`` (ViTDet: 256, 4–32, pool).
+        anchor_scale: anchor side = ``anchor_scale`` × level stride (torchvision's FPN default is 8; small images
+            want smaller anchors); ``aspect_ratios`` per location.
+        representation_size: width of the RoI box head's two MLP layers (torchvision default 1024).
+        log_images_every_n_epochs: log box overlays of the first validation batch every N validation epochs.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        arch: str = "vit_small_patch16_dinov3",
+        weights: str | None = None,
+        backbone_kwargs: dict | None = None,
+        image_size: int = 224,
+        min_size: int | None = None,
+        max_size: int | None = None,
+        pyramid_channels: int = 256,
+        pyramid_strides: Sequence[int] = (4, 8, 16, 32),
+        top_pool: bool = True,
+        anchor_scale: float = 4.0,
+        aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0),
+        representation_size: int = 1024,
+        box_detections_per_img: int = 100,
+        box_score_thresh: float = 0.05,
+        optimizer: Literal["adamw", "sgd"] = "adamw",
+        lr: float = 1e-4,
+        weight_decay: float = 0.05,
+        schedule: Literal["cosine", "poly", "constant"] = "cosine",
+        warmup_steps: int = 0,
+        min_lr_ratio: float = 0.0,
+        gradient_clip: float | None = None,
+        log_images_every_n_epochs: int = 1,
+        num_log_images: int = 4,
+        class_names: list[str] | None = None,
+    ) -> None:
+        super().__init__(arch=arch, weights=weights, backbone_kwargs=backbone_kwargs)
+        self.save_hyperparameters()
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1 (object classes, background excluded), got {num_classes}")
+        if class_names is not None and len(class_names) != num_classes:
+            raise ValueError(f"class_names has {len(class_names)} names for num_classes={num_classes}")
+        self.num_classes = num_classes
+        pyramid = SimpleFeaturePyramid(self.embed_dim, self.patch_size, pyramid_channels, pyramid_strides, top_pool)
+        sizes = tuple((int(round(anchor_scale * stride)),) for stride in pyramid.output_strides)
+        anchors = AnchorGenerator(sizes=sizes, aspect_ratios=(tuple(aspect_ratios),) * len(sizes))
+        roi_pool = MultiScaleRoIAlign(featmap_names=pyramid.level_names, output_size=7, sampling_ratio=2)
+        # Padding to a multiple of the patch size and of the coarsest stride keeps every level's grid aligned.
+        size_divisible = math.lcm(self.patch_size, *pyramid.output_strides)
+        self.detector = self._build_detector(pyramid, anchors, roi_pool, size_divisible)
+        self.val_map = self._new_map_metric()
+
+    def _build_detector(
+        self, pyramid: SimpleFeaturePyramid, anchors: AnchorGenerator, roi_pool: MultiScaleRoIAlign, size_divisible: int
+    ) -> FasterRCNN:
+        hp = self.hparams
+        box_head = TwoMLPHead(pyramid.out_channels * 7 * 7, hp.representation_size)
+        return FasterRCNN(
+            PyramidBackbone(pyramid, self._patch_map),
+            num_classes=None,  # given by box_predictor
+            min_size=hp.min_size or hp.image_size,
+            max_size=hp.max_size or hp.image_size,
+            image_mean=[0.0, 0.0, 0.0],  # the DataModule already normalises
+            image_std=[1.0, 1.0, 1.0],
+            rpn_anchor_generator=anchors,
+            box_roi_pool=roi_pool,
+            box_head=box_head,
+            box_predictor=FastRCNNPredictor(hp.representation_size, self.num_classes + 1),
+            box_detections_per_img=hp.box_detections_per_img,
+            box_score_thresh=hp.box_score_thresh,
+            size_divisible=size_divisible,
+        )
+
+    @staticmethod
+    def _new_map_metric() -> MeanAveragePrecision:
+        try:
+            return MeanAveragePrecision(box_format="xyxy", iou_type="bbox", backend="faster_coco_eval")
+        except (ImportError, ModuleNotFoundError):
+            return MeanAveragePrecision(box_format="xyxy", iou_type="bbox", backend="pycocotools")
+
+    def _patch_map(self, images: Tensor) -> Tensor:
+        return self.patch_maps(images, 1)
+
+    # ------------------------------------------------------------------------------------ forward
+    def forward(self, images: Tensor | Sequence[Tensor]) -> list[dict[str, Tensor]]:
+        """Detections per image ``{"boxes": xyxy, "labels": 0..C-1, "scores"}`` (call in eval mode)."""
+        detections = self.detector(list(images))
+        return [{**d, "labels": d["labels"] - 1} for d in detections]
+
+    @staticmethod
+    def _torchvision_targets(targets: Sequence[dict]) -> list[dict[str, Tensor]]:
+        return [{"boxes": t["boxes"].float(), "labels": t["labels"].long() + 1} for t in targets]
+
+    # ------------------------------------------------------------------------------------ steps
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        losses = self.detector(list(batch["images"]), self._torchvision_targets(batch["targets"]))
+        loss = sum(losses.values())
+        batch_size = len(batch["images"])
+        self.log_dict({f"train/{k}": v for k, v in losses.items()}, batch_size=batch_size)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        return loss
+
+    def _evaluate(self, batch: dict, batch_idx: int, stage: str) -> None:
+        predictions = self(batch["images"])
+        targets = [{"boxes": t["boxes"], "labels": t["labels"]} for t in batch["targets"]]
+        self.val_map.update(predictions, targets)
+        if stage == "val" and batch_idx == 0:
+            self._log_overlay(batch["images"], targets, predictions)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluate(batch, batch_idx, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluate(batch, batch_idx, "test")
+
+    def _log_epoch_metrics(self, stage: str) -> None:
+        results = self.val_map.compute()
+        self.val_map.reset()
+        self.log(f"{stage}/mAP", results["map"], prog_bar=True)
+        self.log(f"{stage}/mAP50", results["map_50"], prog_bar=True)
+        self.log(f"{stage}/mAP75", results["map_75"])
+        self.log(f"{stage}/mAR100", results["mar_100"])
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch_metrics("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch_metrics("test")
+
+    def _log_overlay(self, images: Tensor, targets: list[dict], predictions: list[dict]) -> None:
+        every = self.hparams.log_images_every_n_epochs
+        if not every or self.trainer.sanity_checking or self.current_epoch % every:
+            return
+        experiment = getattr(self.logger, "experiment", None)
+        if experiment is None or not hasattr(experiment, "add_image"):  # not TensorBoard
+            return
+        count = self.hparams.num_log_images
+        grid = detection_overlay(images[:count], targets[:count], predictions[:count], self.hparams.class_names)
+        experiment.add_image("val/detection", grid, global_step=self.global_step)
+
+    # ------------------------------------------------------------------------------------ optimisation
+    def configure_optimizers(self):
+        hp = self.hparams
+        params = list(self.trainable_parameters())
+        if hp.optimizer == "adamw":
+            optimizer = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
+        elif hp.optimizer == "sgd":
+            optimizer = torch.optim.SGD(params, lr=hp.lr, momentum=0.9, weight_decay=hp.weight_decay)
+        else:
+            raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {hp.optimizer!r}")
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: lr_factor(step, total, hp.warmup_steps, hp.schedule, hp.min_lr_ratio)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        clip = self.hparams.gradient_clip if self.hparams.gradient_clip is not None else gradient_clip_val
+        if clip:
+            self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")

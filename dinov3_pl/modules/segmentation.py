@@ -1,0 +1,211 @@
+"""Linear semantic segmentation on a frozen DINOv3 backbone (upstream DINOv3's linear segmentation protocol).
+
+A trainable BatchNorm + 1×1 conv head reads the last block's normed patch tokens (optionally the last ``n`` blocks
+concatenated); its patch-resolution logits are bilinearly up-sampled to the label size and trained with
+cross-entropy (ignore 255). mIoU comes from a dataset-level confusion matrix (torchmetrics
+``MulticlassJaccardIndex``), as upstream, plus pixel accuracy. Images larger than the training crop can be
+evaluated with a sliding window (``inference="slide"``), as upstream's ADE20K eval (crop 512, stride 341).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
+
+from dinov3_pl.data.dense import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
+from dinov3_pl.models.dense_heads import LinearSegmentationHead, sliding_window_logits, upsample_logits
+from dinov3_pl.modules.frozen import FrozenBackboneModule
+
+__all__ = ["Segmentation", "colour_palette", "denormalise", "segmentation_overlay"]
+
+
+def colour_palette(num_classes: int) -> Tensor:
+    """``[num_classes + 1, 3]`` uint8 colours: class 0 black, others spread over hue; the last row (ignore) white."""
+    colours = [torch.zeros(3)]
+    for c in range(1, num_classes):
+        hue = (c * 0.618033988749895) % 1.0  # golden-ratio steps keep neighbouring ids far apart in hue
+        value = 1.0 if c % 2 else 0.7
+        k = torch.tensor([5.0, 3.0, 1.0])
+        rgb = value - value * torch.clamp(torch.minimum((k + hue * 6) % 6, 4 - (k + hue * 6) % 6), 0, 1)
+        colours.append(rgb)
+    colours.append(torch.ones(3))
+    return (torch.stack(colours) * 255).round().to(torch.uint8)
+
+
+def denormalise(images: Tensor) -> Tensor:
+    """ImageNet-normalised float images → uint8 ``[B, 3, H, W]``."""
+    mean = images.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = images.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return ((images * std + mean).clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def segmentation_overlay(images: Tensor, masks: Tensor, predictions: Tensor, num_classes: int) -> Tensor:
+    """``[3, B·H, 3·W]`` uint8 grid, one row per image: image | ground truth | prediction (palette colours)."""
+    palette = colour_palette(num_classes).to(images.device)
+    to_colour = lambda m: palette[torch.where(m == IGNORE_INDEX, num_classes, m.clamp(0, num_classes))]
+    rows = [
+        torch.cat([img, to_colour(gt).permute(2, 0, 1), to_colour(pr).permute(2, 0, 1)], dim=2)
+        for img, gt, pr in zip(denormalise(images), masks, predictions, strict=True)
+    ]
+    return torch.cat(rows, dim=1)
+
+
+class Segmentation(FrozenBackboneModule):
+    """Frozen DINOv3 backbone + linear segmentation head.
+
+    Args:
+        num_classes: classes including background (label ids 0..num_classes-1, 255 ignored).
+        n_layers: concatenate the normed patch maps of the last ``n_layers`` blocks (upstream "LAST": 1).
+        dropout: Dropout2d on the features before the 1×1 conv (upstream 0.1).
+        inference: ``"whole"`` (one forward per image, padded to a multiple of the patch size) or ``"slide"``.
+        window_size, window_stride: sliding-window crop size and step in pixels (``window_size`` must be a
+            multiple of the patch size).
+        optimizer: ``"adamw"`` (upstream: lr 1e-3, wd 1e-3) or ``"sgd"`` (momentum 0.9).
+        schedule: ``"cosine"`` or ``"poly"`` (power 0.9), both step-based after ``warmup_steps`` linear warm-up.
+        log_images_every_n_epochs: log image | ground truth | prediction overlays of the first validation batch to
+            TensorBoard every N validation epochs (0: never); at most ``num_log_images`` images.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        arch: str = "vit_small_patch16_dinov3",
+        weights: str | None = None,
+        backbone_kwargs: dict | None = None,
+        n_layers: int = 1,
+        dropout: float = 0.1,
+        inference: Literal["whole", "slide"] = "whole",
+        window_size: int | None = None,
+        window_stride: int | None = None,
+        optimizer: Literal["adamw", "sgd"] = "adamw",
+        lr: float = 1e-3,
+        weight_decay: float = 1e-3,
+        schedule: Literal["cosine", "poly", "constant"] = "cosine",
+        warmup_steps: int = 0,
+        min_lr_ratio: float = 0.0,
+        log_images_every_n_epochs: int = 1,
+        num_log_images: int = 4,
+    ) -> None:
+        super().__init__(arch=arch, weights=weights, backbone_kwargs=backbone_kwargs, n_last_blocks=n_layers)
+        self.save_hyperparameters()
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2 (background + one class), got {num_classes}")
+        if inference == "slide":
+            if not window_size or window_size % self.patch_size:
+                raise ValueError(
+                    f"inference='slide' needs window_size, a multiple of the patch size "
+                    f"{self.patch_size}; got {window_size}"
+                )
+            if not window_stride or window_stride < 1:
+                raise ValueError(f"inference='slide' needs window_stride >= 1, got {window_stride}")
+        self.num_classes = num_classes
+        self.n_layers = n_layers
+        self.head = LinearSegmentationHead(self.embed_dim * n_layers, num_classes, dropout=dropout)
+        self.val_miou = MulticlassJaccardIndex(num_classes, ignore_index=IGNORE_INDEX, average="macro")
+        self.val_pixel_accuracy = MulticlassAccuracy(num_classes, ignore_index=IGNORE_INDEX, average="micro")
+
+    # ------------------------------------------------------------------------------------ forward
+    def forward(self, images: Tensor) -> Tensor:
+        """Logits ``[B, C, H, W]`` at the image size. Sizes that are not multiples of the patch size are padded
+        (bottom/right, zeros = the mean colour after normalisation) and the padding is cut off the logits."""
+        height, width = images.shape[-2:]
+        pad_h, pad_w = (-height) % self.patch_size, (-width) % self.patch_size
+        padded = F.pad(images, (0, pad_w, 0, pad_h)) if pad_h or pad_w else images
+        logits = self.head(self.patch_maps(padded, self.n_layers))
+        logits = upsample_logits(logits, tuple(padded.shape[-2:]))
+        return logits[..., :height, :width]
+
+    def predict_logits(self, images: Tensor) -> Tensor:
+        """Evaluation logits at the image size: whole image or sliding window, as configured."""
+        if self.hparams.inference == "slide":
+            return sliding_window_logits(
+                self, images, self.num_classes, self.hparams.window_size, self.hparams.window_stride
+            )
+        return self(images)
+
+    # ------------------------------------------------------------------------------------ steps
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        logits = upsample_logits(self(batch["images"]), tuple(batch["masks"].shape[-2:]))
+        loss = F.cross_entropy(logits, batch["masks"], ignore_index=IGNORE_INDEX)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["images"]))
+        return loss
+
+    def _evaluate(self, batch: dict, stage: str, batch_idx: int) -> None:
+        masks = batch["masks"]
+        logits = upsample_logits(self.predict_logits(batch["images"]), tuple(masks.shape[-2:]))
+        predictions = logits.argmax(dim=1)
+        self.val_miou.update(predictions, masks)
+        self.val_pixel_accuracy.update(predictions, masks)
+        if masks.ne(IGNORE_INDEX).any():
+            loss = F.cross_entropy(logits, masks, ignore_index=IGNORE_INDEX)
+            self.log(f"{stage}/loss", loss, batch_size=len(masks))
+        if stage == "val" and batch_idx == 0:
+            self._log_overlay(batch["images"], masks, predictions)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluate(batch, "val", batch_idx)
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluate(batch, "test", batch_idx)
+
+    def _log_epoch_metrics(self, stage: str) -> None:
+        # compute() reduces the dataset-level confusion matrix (synchronised across processes by torchmetrics).
+        self.log(f"{stage}/mIoU", self.val_miou.compute(), prog_bar=True)
+        self.log(f"{stage}/pixel_accuracy", self.val_pixel_accuracy.compute())
+        self.val_miou.reset()
+        self.val_pixel_accuracy.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch_metrics("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch_metrics("test")
+
+    def _log_overlay(self, images: Tensor, masks: Tensor, predictions: Tensor) -> None:
+        every = self.hparams.log_images_every_n_epochs
+        if not every or self.trainer.sanity_checking or self.current_epoch % every:
+            return
+        experiment = getattr(self.logger, "experiment", None)
+        if experiment is None or not hasattr(experiment, "add_image"):  # not TensorBoard: nothing to draw on
+            return
+        count = self.hparams.num_log_images
+        grid = segmentation_overlay(images[:count], masks[:count], predictions[:count], self.num_classes)
+        experiment.add_image("val/segmentation", grid, global_step=self.global_step)
+
+    # ------------------------------------------------------------------------------------ optimisation
+    def configure_optimizers(self):
+        hp = self.hparams
+        params = list(self.trainable_parameters())
+        if hp.optimizer == "adamw":
+            optimizer = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
+        elif hp.optimizer == "sgd":
+            optimizer = torch.optim.SGD(params, lr=hp.lr, momentum=0.9, weight_decay=hp.weight_decay)
+        else:
+            raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {hp.optimizer!r}")
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: lr_factor(step, total, hp.warmup_steps, hp.schedule, hp.min_lr_ratio)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str, min_ratio: float = 0.0) -> float:
+    """Multiplier of the base LR at ``step``: linear warm-up, then cosine / poly(0.9) decay to ``min_ratio`` or
+    constant."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min((step - warmup_steps) / max(total_steps - warmup_steps, 1), 1.0)
+    if schedule == "cosine":
+        decay = 0.5 * (1 + math.cos(math.pi * progress))
+    elif schedule == "poly":
+        decay = (1 - progress) ** 0.9
+    elif schedule == "constant":
+        decay = 1.0
+    else:
+        raise ValueError(f"schedule must be cosine, poly or constant, got {schedule!r}")
+    return min_ratio + (1 - min_ratio) * decay
