@@ -18,6 +18,7 @@ from pathlib import Path
 
 import timm
 import torch
+from timm.layers import DropPath
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
@@ -81,11 +82,10 @@ class DINOv3Backbone(nn.Module):
 
     # ------------------------------------------------------------------------------------------------ helpers
     def _set_uniform_drop_path(self, rate: float) -> None:
+        # timm's ramp starts at 0 and puts nn.Identity in block 0, so every block gets a fresh DropPath here.
         for block in self.vit.blocks:
             for name in ("drop_path1", "drop_path2"):
-                module = getattr(block, name, None)
-                if hasattr(module, "drop_prob"):
-                    module.drop_prob = rate
+                setattr(block, name, DropPath(rate) if rate > 0 else nn.Identity())
 
     def _rope(self, grid_hw: tuple[int, int]) -> Tensor:
         """Rotary embedding for an H×W patch grid; coordinates rescaled at random when training (upstream)."""
