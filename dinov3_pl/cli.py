@@ -1,0 +1,40 @@
+"""``dinov3-pl``: LightningCLI over every LightningModule and DataModule of the package.
+
+``dinov3-pl fit --config configs/pretrain/demo_cpu.yaml``; ``--print_config`` shows every option; an unknown key
+is a jsonargparse error that names it. Model and data are chosen by ``class_path`` (any LightningModule /
+LightningDataModule subclass, including a user's own).
+"""
+
+from __future__ import annotations
+
+import torch
+from lightning.pytorch.cli import LightningCLI
+
+
+def trainer_defaults() -> dict:
+    """bf16 mixed precision on a GPU, fp32 on the CPU; the last checkpoint always kept for ``--ckpt_path last``."""
+    return {
+        "precision": "bf16-mixed" if torch.cuda.is_available() else "32-true",
+        "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"save_last": True}}],
+    }
+
+
+class DINOv3CLI(LightningCLI):
+    """LightningCLI with the project's trainer defaults and a config file that may be overwritten on reruns."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("subclass_mode_model", True)
+        kwargs.setdefault("subclass_mode_data", True)
+        kwargs.setdefault("trainer_defaults", trainer_defaults())
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("auto_configure_optimizers", False)
+        super().__init__(*args, **kwargs)
+
+
+def main(args: list[str] | None = None) -> DINOv3CLI:
+    """Console entry point; ``args`` lets tests and notebooks drive the CLI in-process."""
+    return DINOv3CLI(args=args)
+
+
+if __name__ == "__main__":
+    main()

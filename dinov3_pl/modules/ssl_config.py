@@ -1,0 +1,127 @@
+"""Typed option groups of ``DINOSSLModule``; each maps 1:1 onto a block of the YAML recipe.
+
+Defaults are the upstream ImageNet-1k ViT-L recipe (``vitl_im1k_lin834.yaml``) stated in steps, except where a
+field says otherwise. DESIGN.md §3 lists the upstream facts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from dinov3_pl.models.backbone import DINOv3Backbone
+from dinov3_pl.models.heads import DINOHead
+
+__all__ = ["BackboneConfig", "HeadConfig", "LossConfig", "TeacherConfig", "OptimConfig", "GramConfig"]
+
+
+@dataclass
+class BackboneConfig:
+    """The student backbone (the teacher is its EMA copy). ``weights`` continues from released/upstream weights."""
+
+    arch: str = "vit_small_patch16_dinov3"
+    weights: str | None = None
+    drop_path_rate: float = 0.0
+    drop_path_uniform: bool = True
+    rope_rescale: float | None = None
+    grad_checkpointing: bool = False
+    timm_overrides: dict = field(default_factory=dict)
+
+    def build(self) -> DINOv3Backbone:
+        return DINOv3Backbone(
+            self.arch,
+            weights=self.weights,
+            drop_path_rate=self.drop_path_rate,
+            drop_path_uniform=self.drop_path_uniform,
+            rope_rescale=self.rope_rescale,
+            grad_checkpointing=self.grad_checkpointing,
+            **self.timm_overrides,
+        )
+
+
+@dataclass
+class HeadConfig:
+    """A DINO or iBOT head: MLP ``num_layers`` deep -> ``bottleneck_dim`` -> L2 norm -> ``num_prototypes``."""
+
+    num_prototypes: int = 65536
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
+    num_layers: int = 3
+
+    def build(self, in_dim: int) -> DINOHead:
+        return DINOHead(in_dim, self.num_prototypes, self.hidden_dim, self.bottleneck_dim, self.num_layers)
+
+
+@dataclass
+class LossConfig:
+    """Loss weights and temperatures. The DINO global/local terms are further scaled by their pair counts."""
+
+    dino_weight: float = 1.0
+    ibot_weight: float = 1.0
+    koleo_weight: float = 0.1
+    student_temperature: float = 0.1
+    centering: Literal["sinkhorn_knopp", "softmax"] = "sinkhorn_knopp"
+    sinkhorn_iterations: int = 3
+    center_momentum: float = 0.9  # softmax centering only (DINOv1/v2 style)
+
+
+@dataclass
+class TeacherConfig:
+    """EMA momentum (cosine ``momentum`` -> ``momentum_end`` over training, or constant) and the teacher
+    temperature (linear warm-up from ``temperature_warmup_start`` over ``temperature_warmup_steps``)."""
+
+    momentum: float = 0.992
+    momentum_end: float = 1.0
+    momentum_schedule: Literal["cosine", "constant"] = "cosine"
+    temperature: float = 0.07
+    temperature_warmup_start: float = 0.04
+    temperature_warmup_steps: int = 37_500  # 30 upstream epochs of 1250 iterations
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with upstream's parameter groups and schedules, all in optimizer steps.
+
+    ``lr`` is the base LR for a global batch of 1024/4 = 256 under ``lr_scaling="sqrt_wrt_1024"`` (upstream:
+    ``lr × 4·sqrt(global_batch / 1024)``). ``total_steps=None`` takes the trainer's total number of steps.
+    """
+
+    lr: float = 1e-3
+    min_lr: float = 1e-6
+    lr_schedule: Literal["cosine", "constant"] = "cosine"
+    lr_scaling: Literal["sqrt_wrt_1024", "none"] = "sqrt_wrt_1024"
+    warmup_steps: int = 12_500
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.4
+    weight_decay_schedule: Literal["cosine", "constant"] = "cosine"
+    betas: tuple[float, float] = (0.9, 0.999)
+    layer_decay: float = 0.9
+    patch_embed_lr_mult: float = 0.2
+    freeze_last_layer_steps: int = 1_250
+    head_warmup_steps: int = 0  # backbone LR 0 for these first steps (continuing from released weights)
+    clip_grad: float | None = 3.0
+    clip_per_module: bool = True  # upstream: backbone, DINO head and iBOT head clipped separately
+    total_steps: int | None = None
+
+
+@dataclass
+class GramConfig:
+    """Gram anchoring (upstream ``dinov3_vit7b16_gram_anchor.yaml``), all in steps.
+
+    The Gram teacher is a frozen backbone: loaded from ``teacher_weights`` or, when that is ``None``, a snapshot
+    of the EMA teacher taken at ``start_step``. It is refreshed from the EMA teacher at ``first_refresh_step`` and
+    then every ``refresh_every`` steps, at most ``max_refreshes`` times. The loss weight ramps 0 -> ``weight`` and
+    the local DINO weight 1 -> ``local_dino_weight_end`` by a cosine over ``ramp_steps`` from ``start_step``.
+    """
+
+    enabled: bool = False
+    weight: float = 2.0
+    start_step: int = 0
+    ramp_steps: int = 1_250
+    local_dino_weight_end: float = 0.5
+    teacher_weights: str | None = None
+    first_refresh_step: int | None = None
+    refresh_every: int = 10_000
+    max_refreshes: int = 3
+    img_level: bool = True
+    remove_neg: bool = False

@@ -1,0 +1,172 @@
+"""Throughput of the full DINOv3 training step vs. the bare backbone forward+backward on the same crops.
+
+Protocol: crops and masks are generated once and stay in memory (no data loading). Both measurements run in the
+same process, alternating in rounds so that machine noise hits both alike:
+- "full step": ``DINOSSLModule.compute_losses`` (teacher forward, masked student forward of the global crops,
+  student forward of the local crops, DINO/iBOT heads, Sinkhorn-Knopp, DINO + iBOT + KoLeo losses), backward,
+  per-module gradient clipping, AdamW step and the EMA teacher update;
+- "bare backbone": the student backbone's forward on the global and local crops and a backward of the sum of its
+  outputs, plus an AdamW step on the backbone alone.
+It prints images/s of each, their ratio (full / bare time), and on CUDA the peak memory and the model FLOP
+utilisation (MFU: FLOPs counted by ``torch.utils.flop_counter`` per step / time / the card's bf16 dense peak).
+
+    python experiments/benchmarks/ssl_step.py                      # CPU, small ViT
+    python experiments/benchmarks/ssl_step.py --device cuda --preset vits16   # ViT-S/16 recipe, batch 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from dinov3_pl.modules.ssl import DINOSSLModule
+from dinov3_pl.modules.ssl_config import BackboneConfig, HeadConfig, OptimConfig
+from dinov3_pl.optim import clip_grad_norm_per_module
+
+PRESETS = {
+    # A small ViT that runs in seconds per step on 2 CPU cores.
+    "cpu": dict(
+        arch="vit_small_patch16_dinov3",
+        overrides=dict(depth=4, embed_dim=192, num_heads=3),
+        batch=8,
+        global_size=96,
+        local_size=48,
+        num_local=4,
+        prototypes=4096,
+        hidden=512,
+        bottleneck=128,
+    ),
+    # The upstream ViT-S/16 recipe: 2x224 + 8x96 crops, 65536-prototype heads.
+    "vits16": dict(
+        arch="vit_small_patch16_dinov3",
+        overrides={},
+        batch=128,
+        global_size=224,
+        local_size=96,
+        num_local=8,
+        prototypes=65536,
+        hidden=2048,
+        bottleneck=256,
+    ),
+}
+BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+
+
+def make_batch(batch: int, global_size: int, local_size: int, num_local: int, patch: int, device) -> dict:
+    """Random crops and masks with upstream's iBOT statistics (half the global crops masked, ratios 0.1-0.5)."""
+    generator = torch.Generator().manual_seed(0)
+    num_patches = (global_size // patch) ** 2
+    masks = torch.zeros(2 * batch, num_patches, dtype=torch.bool)
+    num_masked = int(2 * batch * 0.5)
+    ratios = torch.linspace(0.1, 0.5, num_masked + 1)[1:]
+    for crop, ratio in enumerate(ratios):
+        masks[crop, torch.randperm(num_patches, generator=generator)[: int(num_patches * ratio)]] = True
+    masks = masks[torch.randperm(2 * batch, generator=generator)]
+    return {
+        "global_crops": torch.randn(2 * batch, 3, global_size, global_size, generator=generator).to(device),
+        "local_crops": torch.randn(num_local * batch, 3, local_size, local_size, generator=generator).to(device),
+        "masks": masks.to(device),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None, help="default: cpu, or vits16 on CUDA")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch", type=int, default=None, help="images per step (overrides the preset)")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps-per-round", type=int, default=3)
+    parser.add_argument("--compile", action="store_true", help="torch.compile the student and teacher backbones")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    preset = dict(PRESETS[args.preset or ("vits16" if device.type == "cuda" else "cpu")])
+    if args.batch:
+        preset["batch"] = args.batch
+    torch.manual_seed(0)
+    head = HeadConfig(preset["prototypes"], preset["hidden"], preset["bottleneck"])
+    module = DINOSSLModule(
+        backbone=BackboneConfig(preset["arch"], timm_overrides=preset["overrides"], drop_path_rate=0.0),
+        dino_head=head,
+        ibot_head=head,
+        optim=OptimConfig(total_steps=10_000, lr_scaling="none", warmup_steps=0, freeze_last_layer_steps=0),
+    ).to(device)
+    module._build_schedules()
+    optimizer = module.configure_optimizers()
+    backbone = module.student.backbone
+    bare_optimizer = torch.optim.AdamW(backbone.parameters(), lr=1e-4)
+    if args.compile:
+        module.student.backbone.compile()
+        module.teacher.backbone.compile()
+    batch = make_batch(
+        preset["batch"], preset["global_size"], preset["local_size"], preset["num_local"], backbone.patch_size, device
+    )
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    def full_step() -> None:
+        with autocast:
+            loss = module.compute_losses(batch, step=100)["loss"]
+        loss.backward()
+        clip_grad_norm_per_module(module.student, 3.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        module._update_teacher(0.996)
+
+    def bare_step() -> None:
+        with autocast:
+            global_out = backbone(batch["global_crops"])
+            local_out = backbone(batch["local_crops"])
+            loss = sum(out[key].float().sum() for out in (global_out, local_out) for key in ("cls", "patch"))
+        loss.backward()
+        bare_optimizer.step()
+        bare_optimizer.zero_grad(set_to_none=True)
+
+    def timed(step) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(args.steps_per_round):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return (time.perf_counter() - start) / args.steps_per_round
+
+    module.train()
+    full_step(), bare_step()  # warm-up (allocations, compilation)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    full_times, bare_times = [], []
+    for _ in range(args.rounds):
+        full_times.append(timed(full_step))
+        bare_times.append(timed(bare_step))
+    full, bare = statistics.median(full_times), statistics.median(bare_times)
+    images = preset["batch"]
+    print(
+        f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}; "
+        f"threads {torch.get_num_threads()}; torch {torch.__version__}"
+    )
+    print(
+        f"config: {preset['arch']} {preset['overrides']} batch {images}, 2x{preset['global_size']} + "
+        f"{preset['num_local']}x{preset['local_size']} crops, heads {preset['prototypes']} prototypes"
+        f"{', bf16 autocast' if device.type == 'cuda' else ', fp32'}{', compiled' if args.compile else ''}"
+    )
+    print(f"median of {args.rounds} rounds x {args.steps_per_round} steps")
+    print(f"full DINOv3 step : {images / full:8.1f} images/s  ({full * 1000:.1f} ms/step)")
+    print(f"bare backbone f+b: {images / bare:8.1f} images/s  ({bare * 1000:.1f} ms/step)")
+    print(f"ratio full/bare time: {full / bare:.2f}")
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) / 2**30
+        with FlopCounterMode(display=False) as counter:
+            full_step()
+        flops = counter.get_total_flops()
+        name = torch.cuda.get_device_name(device)
+        peak_tflops = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)
+        mfu = f"{flops / full / (peak_tflops * 1e12) * 100:.1f}%" if peak_tflops else "n/a (unknown card)"
+        print(f"peak memory: {peak:.1f} GiB; {flops / 1e12:.2f} TFLOP per step; MFU {mfu}")
+
+
+if __name__ == "__main__":
+    main()
