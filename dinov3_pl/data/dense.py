@@ -26,6 +26,8 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from dinov3_pl.data.datasets import FashionMNIST, SyntheticShapes
+
 __all__ = [
     "IGNORE_INDEX",
     "IMAGENET_MEAN",
@@ -292,6 +294,13 @@ def detection_transforms(
 
 
 # ------------------------------------------------------------------------------------------------ datamodules
+# Classes including background of the built-in datasets (SyntheticShapes: 8 shapes; Fashion-MNIST: 10 garments).
+_KNOWN_SEGMENTATION_CLASSES = {
+    "synthetic": SyntheticShapes.num_classes + 1,
+    "fmnist_scenes": FashionMNIST.num_classes + 1,
+}
+
+
 class _DenseDataModule(pl.LightningDataModule):
     def _loader(self, dataset: Dataset, shuffle: bool, batch_size: int, collate) -> DataLoader:
         return DataLoader(
@@ -319,8 +328,6 @@ class _DenseDataModule(pl.LightningDataModule):
         )
 
     def _synthetic(self, train: bool):
-        from dinov3_pl.data.datasets import SyntheticShapes
-
         count = self.hparams.num_train if train else self.hparams.num_val
         # Different seeds keep the validation images disjoint from the training ones.
         return SyntheticShapes(
@@ -362,9 +369,15 @@ class SegmentationDataModule(_DenseDataModule):
         fmnist_root: str | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
         if dataset == "folder" and (root is None or num_classes is None):
             raise ValueError("dataset='folder' needs root and num_classes")
+        known = _KNOWN_SEGMENTATION_CLASSES.get(dataset)
+        if num_classes is not None and known is not None and num_classes != known:
+            raise ValueError(f"num_classes={num_classes} but dataset {dataset!r} has {known} (with background)")
+        # Resolved before save_hyperparameters so the logged value matches the model's num_classes.
+        num_classes = num_classes if num_classes is not None else known
+        self.num_classes = num_classes
+        self.save_hyperparameters()
         self.train_set = self.val_set = None
 
     def setup(self, stage: str | None = None) -> None:
@@ -373,17 +386,13 @@ class SegmentationDataModule(_DenseDataModule):
         hp = self.hparams
         if hp.dataset == "synthetic":
             train, val = self._synthetic(True), self._synthetic(False)
-            known = train.num_classes + 1
         elif hp.dataset in ("folder", "fmnist_scenes"):
             root = self._build_scenes() if hp.dataset == "fmnist_scenes" else Path(hp.root)
             train = SegmentationFolder(root, "training", hp.reduce_zero_label)
             val = SegmentationFolder(root, "validation", hp.reduce_zero_label)
-            known = 11 if hp.dataset == "fmnist_scenes" else hp.num_classes
         else:
             raise ValueError(f"unknown segmentation dataset {hp.dataset!r}; use synthetic, folder or fmnist_scenes")
-        if hp.num_classes is not None and hp.num_classes != known:
-            raise ValueError(f"num_classes={hp.num_classes} but dataset {hp.dataset!r} has {known} (with background)")
-        self.num_classes = known
+        known = self.num_classes
         train_tf, eval_tf = segmentation_transforms(hp.image_size, hp.scale_range, hp.flip_prob, hp.eval_size)
         self.train_set = _Transformed(train, train_tf, "segmentation", known)
         self.val_set = _Transformed(val, eval_tf, "segmentation", known)

@@ -19,6 +19,7 @@ from torchmetrics.detection import MeanAveragePrecision
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign
 from torchvision.utils import draw_bounding_boxes
 
@@ -27,6 +28,13 @@ from dinov3_pl.modules.frozen import FrozenBackboneModule
 from dinov3_pl.modules.segmentation import denormalise, lr_factor
 
 __all__ = ["Detection", "PyramidBackbone", "detection_overlay"]
+
+
+class _NoResizeTransform(GeneralizedRCNNTransform):
+    """torchvision's detection transform (normalise, pad to a multiple of ``size_divisible``) without the resize."""
+
+    def resize(self, image: Tensor, target: dict[str, Tensor] | None = None):
+        return image, target
 
 
 class PyramidBackbone(nn.Module):
@@ -81,8 +89,9 @@ class Detection(FrozenBackboneModule):
 
     Args:
         num_classes: object classes, without background.
-        image_size: torchvision's internal resize target (``min_size`` = ``max_size`` = ``image_size``), so images
-            already that size are not rescaled; set ``min_size``/``max_size`` to resize on purpose.
+        min_size, max_size: torchvision's internal resize (short side to ``min_size``, long side at most
+            ``max_size``). ``None`` (default) turns it off: images reach the backbone at the DataModule's size, so
+            small images are not blown up to torchvision's 800 px default. Give both to resize on purpose.
         pyramid_channels, pyramid_strides, top_pool: the ``SimpleFeaturePyramid`` (ViTDet: 256, 4–32, pool).
         anchor_scale: anchor side = ``anchor_scale`` × level stride (torchvision's FPN default is 8; small images
             want smaller anchors); ``aspect_ratios`` per location.
@@ -96,7 +105,6 @@ class Detection(FrozenBackboneModule):
         arch: str = "vit_small_patch16_dinov3",
         weights: str | None = None,
         backbone_kwargs: dict | None = None,
-        image_size: int = 224,
         min_size: int | None = None,
         max_size: int | None = None,
         pyramid_channels: int = 256,
@@ -131,7 +139,11 @@ class Detection(FrozenBackboneModule):
         roi_pool = MultiScaleRoIAlign(featmap_names=pyramid.level_names, output_size=7, sampling_ratio=2)
         # Padding to a multiple of the patch size and of the coarsest stride keeps every level's grid aligned.
         size_divisible = math.lcm(self.patch_size, *pyramid.output_strides)
+        if (min_size is None) != (max_size is None):
+            raise ValueError(f"give both min_size and max_size, or neither (no resizing); got {min_size}, {max_size}")
         self.detector = self._build_detector(pyramid, anchors, roi_pool, size_divisible)
+        if min_size is None:
+            self.detector.transform = _NoResizeTransform(1, 1, [0.0] * 3, [1.0] * 3, size_divisible=size_divisible)
         self.val_map = self._new_map_metric()
 
     def _build_detector(
@@ -142,8 +154,8 @@ class Detection(FrozenBackboneModule):
         return FasterRCNN(
             PyramidBackbone(pyramid, self._patch_map),
             num_classes=None,  # given by box_predictor
-            min_size=hp.min_size or hp.image_size,
-            max_size=hp.max_size or hp.image_size,
+            min_size=hp.min_size or 1,  # placeholder when resizing is off (transform replaced below)
+            max_size=hp.max_size or 1,
             image_mean=[0.0, 0.0, 0.0],  # the DataModule already normalises
             image_std=[1.0, 1.0, 1.0],
             rpn_anchor_generator=anchors,

@@ -1,0 +1,149 @@
+"""Linear segmentation on a frozen backbone: mIoU vs a hand-computed confusion matrix, sliding window, end-to-end
+fit with the backbone unchanged, TensorBoard overlays, configs through the CLI."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+
+from dinov3_pl.data.dense import SegmentationDataModule
+from dinov3_pl.models.dense_heads import LinearSegmentationHead, sliding_window_logits
+from dinov3_pl.modules.segmentation import Segmentation, colour_palette, lr_factor, segmentation_overlay
+
+TINY = {"depth": 2, "embed_dim": 32, "num_heads": 2, "patch_size": 8, "img_size": 32}
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "eval"
+
+
+def test_miou_matches_hand_computed_confusion_matrix():
+    model = Segmentation(num_classes=3, backbone_kwargs=TINY)
+    labels = torch.tensor([[0, 0, 1, 1], [2, 2, 255, 1]])
+    preds = torch.tensor([[0, 1, 1, 1], [2, 0, 2, 1]])
+    # Confusion (rows = label, cols = prediction), the ignored pixel left out:
+    #   label 0: pred 0 x1, pred 1 x1 | label 1: pred 1 x3 | label 2: pred 2 x1, pred 0 x1
+    # IoU_c = TP / (row + col - TP): 1/(2+2-1), 3/(3+4-3), 1/(2+1-1) -> mIoU = (1/3 + 3/4 + 1/2) / 3 = 19/36.
+    # Two updates (one row each): the matrix is accumulated over the dataset, not averaged per batch.
+    for row in range(2):
+        model.val_miou.update(preds[row : row + 1], labels[row : row + 1])
+        model.val_pixel_accuracy.update(preds[row : row + 1], labels[row : row + 1])
+    assert model.val_miou.compute().item() == pytest.approx(19 / 36)
+    assert model.val_pixel_accuracy.compute().item() == pytest.approx(5 / 7)
+
+
+def test_head_is_bn_then_conv_and_forward_pads_to_patch_multiple():
+    head = LinearSegmentationHead(4, 3, dropout=0.0).eval()
+    x = torch.randn(2, 4, 5, 5)
+    bn = head.norm
+    expected = nn.functional.conv2d(
+        (x - bn.running_mean.view(1, -1, 1, 1)) / torch.sqrt(bn.running_var.view(1, -1, 1, 1) + bn.eps),
+        head.classifier.weight,
+        head.classifier.bias,
+    )
+    torch.testing.assert_close(head(x), expected)
+    model = Segmentation(num_classes=3, backbone_kwargs=TINY).eval()
+    assert model(torch.randn(1, 3, 30, 21)).shape == (1, 3, 30, 21)  # padded to 32x24 inside, cut back
+
+
+def test_sliding_window_averages_overlaps():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 2, 1)  # per-pixel: any tiling must give the whole-image result
+    images = torch.randn(2, 3, 20, 28)
+    torch.testing.assert_close(sliding_window_logits(conv, images, 2, window=8, stride=5), conv(images).detach())
+    # A predictor returning 1 everywhere in a window: averaging over overlaps must give exactly 1 everywhere.
+    ones = lambda crop: torch.ones(crop.shape[0], 1, *crop.shape[-2:])
+    torch.testing.assert_close(sliding_window_logits(ones, images, 1, window=8, stride=3), torch.ones(2, 1, 20, 28))
+    model = Segmentation(num_classes=3, backbone_kwargs=TINY, inference="slide", window_size=16, window_stride=8)
+    assert model.eval().predict_logits(torch.randn(1, 3, 32, 40)).shape == (1, 3, 32, 40)
+    with pytest.raises(ValueError, match="multiple of the patch size"):
+        Segmentation(num_classes=3, backbone_kwargs=TINY, inference="slide", window_size=12, window_stride=4)
+
+
+def test_lr_schedules():
+    assert lr_factor(0, 100, 10, "cosine") == pytest.approx(0.1)
+    assert lr_factor(55, 100, 10, "cosine") == pytest.approx(0.5)
+    assert lr_factor(100, 100, 0, "cosine", min_ratio=0.01) == pytest.approx(0.01)
+    assert lr_factor(50, 100, 0, "poly") == pytest.approx(0.5**0.9)
+    assert lr_factor(80, 100, 0, "constant") == 1.0
+
+
+def test_overlay_grid_and_palette():
+    palette = colour_palette(5)
+    assert palette.shape == (6, 3) and palette[0].sum() == 0 and (palette[-1] == 255).all()
+    assert len({tuple(c.tolist()) for c in palette}) == 6
+    masks = torch.tensor([[[0, 1], [255, 4]]])
+    grid = segmentation_overlay(torch.zeros(1, 3, 2, 2), masks, masks, 5)
+    assert grid.shape == (3, 2, 6) and grid.dtype == torch.uint8
+    torch.testing.assert_close(grid[:, 1, 2], palette[-1])  # ignore pixel drawn in the ignore colour
+
+
+class _BackboneModeProbe(L.Callback):
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        assert not module.backbone.training and module.head.training
+
+
+def test_fit_trains_head_only_and_logs_overlays(tmp_path):
+    torch.manual_seed(0)
+    model = Segmentation(num_classes=9, backbone_kwargs=TINY, lr=1e-2, log_images_every_n_epochs=1)
+    backbone_before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    head_before = model.head.classifier.weight.detach().clone()
+    data = SegmentationDataModule("synthetic", image_size=32, batch_size=8, num_train=16, num_val=8)
+    logger = L.pytorch.loggers.TensorBoardLogger(tmp_path, name="seg")
+    trainer = L.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        logger=logger,
+        callbacks=[_BackboneModeProbe()],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(model, data)
+    for key, value in model.backbone.state_dict().items():
+        assert torch.equal(value, backbone_before[key]), f"backbone changed: {key}"
+    assert not torch.equal(model.head.classifier.weight, head_before)
+    metrics = trainer.callback_metrics
+    assert 0.0 <= metrics["val/mIoU"] <= 1.0 and math.isfinite(metrics["train/loss"])
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(Path(logger.log_dir))).Reload()
+    assert "val/segmentation" in events.Tags()["images"]
+
+
+def run_cli(args: list[str]):
+    """LightningCLI as dinov3_pl.cli sets it up (subclass modes); the package's own defaults are left out."""
+    from lightning.pytorch.cli import LightningCLI
+
+    return LightningCLI(
+        args=args,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+        run=args[0] == "fit",
+    )
+
+
+def test_synthetic_config_runs_through_the_cli(tmp_path):
+    config = str(CONFIGS / "segmentation_synthetic.yaml")
+    cli = run_cli(
+        [
+            "fit",
+            "--config",
+            config,
+            "--trainer.fast_dev_run=1",
+            "--trainer.logger=false",
+            f"--trainer.default_root_dir={tmp_path}",
+        ]
+    )
+    assert isinstance(cli.model, Segmentation) and isinstance(cli.datamodule, SegmentationDataModule)
+    assert "val/mIoU" in cli.trainer.callback_metrics
+
+
+def test_fmnist_scenes_config_instantiates():
+    # Builds model and DataModule from the YAML without fitting (no Fashion-MNIST needed).
+    cli = run_cli(["--config", str(CONFIGS / "segmentation_fmnist_scenes.yaml")])
+    assert isinstance(cli.model, Segmentation) and cli.model.num_classes == 11
+    assert cli.datamodule.hparams.dataset == "fmnist_scenes" and cli.model.hparams.inference == "slide"
