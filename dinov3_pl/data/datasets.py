@@ -15,6 +15,7 @@ from __future__ import annotations
 import gzip
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -400,5 +401,7 @@ class ImageFolder(Dataset):
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
             if self.on_bad_image == "raise":
                 raise ValueError(f"cannot decode image file {path}: {error}") from error
+            # Once per file and process (the warnings registry de-duplicates identical messages).
+            warnings.warn(f"skipping undecodable image file {path}: {error}", RuntimeWarning, stacklevel=2)
             return None
         return {"image": image, "label": int(self.labels[index]), "path": str(path)}
