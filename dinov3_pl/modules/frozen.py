@@ -27,7 +27,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
-from dinov3_pl.models.backbone import DINOv3Backbone
+from dinov3_pl.models.weights import build_backbone
 
 __all__ = ["FeatureType", "FrozenBackboneModule", "build_eval_backbone", "feature_dim"]
 
@@ -38,18 +38,10 @@ FEATURE_TYPES: tuple[str, ...] = ("cls", "cls_meanpatch", "meanpatch")
 _OMITTED_KEY = "frozen_backbone_omitted"
 
 
-def build_eval_backbone(arch: str, weights: str | None, backbone_kwargs: dict | None) -> nn.Module:
-    """Builds the backbone to evaluate: ``arch`` + timm overrides, weights from a file or a dinov3-pl ``.ckpt``.
-
-    Uses ``dinov3_pl.models.weights.build_backbone`` when available (it reads the architecture recorded in a
-    dinov3-pl checkpoint), else ``DINOv3Backbone(arch, weights=weights, **backbone_kwargs)``.
-    """
-    overrides = dict(backbone_kwargs or {})
-    try:
-        from dinov3_pl.models.weights import build_backbone
-    except ImportError:
-        return DINOv3Backbone(arch, weights=weights, **overrides)
-    return build_backbone(arch, weights, **overrides)
+def build_eval_backbone(arch: str | None, weights: str | None, backbone_kwargs: dict | None) -> nn.Module:
+    """Builds the backbone to evaluate: ``arch`` + timm overrides, weights from a file or a dinov3-pl ``.ckpt``
+    (whose recorded architecture is used; see ``dinov3_pl.models.weights.build_backbone``)."""
+    return build_backbone(arch, weights, **(backbone_kwargs or {}))
 
 
 def feature_dim(embed_dim: int, feature_type: str, n_last_blocks: int = 1) -> int:
@@ -67,11 +59,12 @@ class FrozenBackboneModule(L.LightningModule):
     """A LightningModule around a frozen DINOv3 backbone; the base of the evaluation modules.
 
     Args:
-        arch: timm DINOv3 model name, e.g. ``vit_small_patch16_dinov3``. Ignored in favour of the recorded
-            architecture when ``weights`` is a dinov3-pl ``.ckpt``.
+        arch: timm DINOv3 model name, e.g. ``vit_small_patch16_dinov3``. May be ``None`` when ``weights`` is a
+            dinov3-pl ``.ckpt``, which records its architecture (a given ``arch`` must then match the recorded one).
         weights: backbone weights (upstream ``.pth``, Hugging Face folder/safetensors, timm state dict or a
             dinov3-pl ``.ckpt``); ``None`` evaluates a randomly initialised backbone (a baseline).
-        backbone_kwargs: timm overrides, e.g. ``{"depth": 2, "embed_dim": 96, "patch_size": 4, "img_size": 32}``.
+        backbone_kwargs: timm overrides, e.g. ``{"depth": 2, "embed_dim": 96, "patch_size": 4, "img_size": 32}``;
+            with a dinov3-pl ``.ckpt`` they apply on top of the recorded ones (leave them out there).
         feature_type: what ``features()`` returns: ``"cls"`` (class token), ``"cls_meanpatch"`` (class token and
             mean patch token concatenated, the upstream linear protocol) or ``"meanpatch"``.
         n_last_blocks: concatenate the class tokens of the last ``n`` blocks (each after the final norm), as
@@ -83,7 +76,7 @@ class FrozenBackboneModule(L.LightningModule):
 
     def __init__(
         self,
-        arch: str = "vit_small_patch16_dinov3",
+        arch: str | None = "vit_small_patch16_dinov3",
         weights: str | None = None,
         backbone_kwargs: dict | None = None,
         feature_type: FeatureType = "cls",

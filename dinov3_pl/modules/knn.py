@@ -29,7 +29,7 @@ class KNN(FrozenBackboneModule):
 
     def __init__(
         self,
-        arch: str = "vit_small_patch16_dinov3",
+        arch: str | None = "vit_small_patch16_dinov3",
         weights: str | None = None,
         backbone_kwargs: dict | None = None,
         feature_type: FeatureType = "cls",

@@ -66,7 +66,7 @@ class LinearProbe(FrozenBackboneModule):
     def __init__(
         self,
         num_classes: int,
-        arch: str = "vit_small_patch16_dinov3",
+        arch: str | None = "vit_small_patch16_dinov3",
         weights: str | None = None,
         backbone_kwargs: dict | None = None,
         feature_type: FeatureType = "cls_meanpatch",
