@@ -1,0 +1,172 @@
+"""Detection on a frozen backbone: mAP on hand-made boxes, pyramid strides/shapes, end-to-end fit with the backbone
+unchanged, overlays, configs through LightningCLI."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from torch.nn import functional as F
+
+from dinov3_pl.data.dense import DetectionDataModule
+from dinov3_pl.models.dense_heads import SimpleFeaturePyramid
+from dinov3_pl.modules.detection import Detection, detection_overlay
+
+TINY = {"depth": 2, "embed_dim": 32, "num_heads": 2, "patch_size": 8, "img_size": 32}
+SMALL_HEADS = {"pyramid_channels": 16, "representation_size": 32}
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "eval"
+
+
+def _map(predicted_boxes, scores, gt_boxes):
+    metric = Detection._new_map_metric()
+    metric.update(
+        [
+            {
+                "boxes": torch.tensor(predicted_boxes),
+                "scores": torch.tensor(scores),
+                "labels": torch.zeros(len(scores), dtype=torch.long),
+            }
+        ],
+        [{"boxes": torch.tensor(gt_boxes), "labels": torch.zeros(len(gt_boxes), dtype=torch.long)}],
+    )
+    return {k: v.item() for k, v in metric.compute().items() if k in ("map", "map_50", "map_75")}
+
+
+@pytest.mark.parametrize(
+    ("shift", "expected"),
+    [
+        # A 10x10 box shifted by d along x: IoU = (10 - d) / (10 + d).
+        (0.0, {"map": 1.0, "map_50": 1.0, "map_75": 1.0}),
+        # d = 2: IoU = 8/12 = 0.667 -> a hit at thresholds 0.50, 0.55, 0.60, 0.65 (4 of 10) and a miss above.
+        (2.0, {"map": 0.4, "map_50": 1.0, "map_75": 0.0}),
+        # d = 1: IoU = 9/11 = 0.818 -> hits at 0.50 ... 0.80 (7 of 10).
+        (1.0, {"map": 0.7, "map_50": 1.0, "map_75": 1.0}),
+        # d = 3.4: IoU = 6.6/13.4 = 0.4925, just below 0.5 -> no hit at any threshold.
+        (3.4, {"map": 0.0, "map_50": 0.0, "map_75": 0.0}),
+    ],
+)
+def test_map_on_hand_made_boxes(shift, expected):
+    result = _map([[20.0 + shift, 20.0, 30.0 + shift, 30.0]], [0.9], [[20.0, 20.0, 30.0, 30.0]])
+    assert result == pytest.approx(expected, abs=1e-6)
+
+
+def test_map_with_one_of_two_objects_found():
+    # Precision 1 up to recall 0.5, nothing after: COCO's 101-point interpolated AP = 51/101 at every threshold.
+    result = _map([[0.0, 0.0, 10.0, 10.0]], [0.9], [[0.0, 0.0, 10.0, 10.0], [40.0, 40.0, 50.0, 50.0]])
+    assert result["map"] == pytest.approx(51 / 101, abs=1e-6) and result["map_50"] == pytest.approx(51 / 101, abs=1e-6)
+
+
+@pytest.mark.parametrize("patch_size", [16, 8])
+def test_simple_feature_pyramid_strides_and_shapes(patch_size):
+    torch.manual_seed(0)
+    image = 128
+    pyramid = SimpleFeaturePyramid(24, patch_size=patch_size, out_channels=8, strides=(4, 8, 16, 32), top_pool=True)
+    patch_map = torch.randn(2, 24, image // patch_size, image // patch_size)
+    levels = pyramid(patch_map)
+    assert list(levels) == ["p2", "p3", "p4", "p5", "pool"] and pyramid.output_strides == [4, 8, 16, 32, 64]
+    for (name, level), stride in zip(levels.items(), pyramid.output_strides, strict=True):
+        assert level.shape == (2, 8, image // stride, image // stride), name
+    # Down-sampling levels are max pools of the ViT map; the identity level is the map itself.
+    p5_input = pyramid.rescales[3](patch_map)
+    torch.testing.assert_close(p5_input, F.max_pool2d(patch_map, 32 // patch_size))
+    identity = pyramid.strides.index(patch_size)
+    assert torch.equal(pyramid.rescales[identity](patch_map), patch_map)
+    with pytest.raises(ValueError, match="power of two"):
+        SimpleFeaturePyramid(24, patch_size=16, strides=(12,))
+
+
+def test_detection_module_wiring():
+    model = Detection(num_classes=3, backbone_kwargs=TINY, **SMALL_HEADS)
+    assert model.detector.roi_heads.box_predictor.cls_score.out_features == 4  # 3 classes + background
+    assert not any(n.startswith("detector.backbone.patch_map") for n, _ in model.named_parameters())
+    trainable = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"detector"}  # the ViT is frozen; pyramid + RPN + RoI heads train
+    model.eval()
+    images = torch.randn(2, 3, 40, 48)
+    out = model(images)
+    # No torchvision resize by default; padding to a multiple of 64 (patch 8, coarsest level 64) is cut back.
+    batched, _ = model.detector.transform(list(images))
+    assert tuple(batched.tensors.shape[-2:]) == (64, 64) and batched.image_sizes == [(40, 48), (40, 48)]
+    assert len(out) == 2 and all(set(o) == {"boxes", "labels", "scores"} for o in out)
+    with pytest.raises(ValueError, match="both min_size and max_size"):
+        Detection(num_classes=3, backbone_kwargs=TINY, min_size=32, **SMALL_HEADS)
+
+
+def test_overlay_shape():
+    targets = [{"boxes": torch.tensor([[2.0, 2.0, 10.0, 12.0]]), "labels": torch.tensor([1])}]
+    predictions = [
+        {"boxes": torch.tensor([[3.0, 2.0, 9.0, 12.0]]), "labels": torch.tensor([1]), "scores": torch.tensor([0.9])}
+    ]
+    grid = detection_overlay(torch.zeros(1, 3, 16, 16), targets, predictions, ["a", "b"])
+    assert grid.shape == (3, 16, 32) and grid.dtype == torch.uint8
+    assert grid[:, :, :16].sum() > 0 and grid[:, :, 16:].sum() > 0  # boxes drawn on both sides
+
+
+class _BackboneModeProbe(L.Callback):
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        assert not module.backbone.training and module.detector.training
+
+
+def test_fit_keeps_backbone_bit_identical_and_logs(tmp_path):
+    torch.manual_seed(0)
+    model = Detection(num_classes=8, backbone_kwargs=TINY, lr=1e-3, **SMALL_HEADS)
+    backbone_before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    pyramid_before = [p.detach().clone() for p in model.detector.backbone.pyramid.parameters()]
+    data = DetectionDataModule("synthetic", image_size=32, batch_size=4, num_train=8, num_val=4)
+    logger = L.pytorch.loggers.TensorBoardLogger(tmp_path, name="det")
+    trainer = L.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        logger=logger,
+        callbacks=[_BackboneModeProbe()],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(model, data)
+    for key, value in model.backbone.state_dict().items():
+        assert torch.equal(value, backbone_before[key]), f"backbone changed: {key}"
+    assert any(
+        not torch.equal(a, b) for a, b in zip(model.detector.backbone.pyramid.parameters(), pyramid_before, strict=True)
+    )
+    metrics = trainer.callback_metrics
+    assert math.isfinite(metrics["train/loss"]) and 0.0 <= metrics["val/mAP"] <= 1.0 and "val/mAP50" in metrics
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert "val/detection" in EventAccumulator(logger.log_dir).Reload().Tags()["images"]
+
+
+def run_cli(args: list[str]):
+    from lightning.pytorch.cli import LightningCLI
+
+    return LightningCLI(
+        args=args,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+        run=args[0] == "fit",
+    )
+
+
+def test_synthetic_config_runs_through_the_cli(tmp_path):
+    cli = run_cli(
+        [
+            "fit",
+            "--config",
+            str(CONFIGS / "detection_synthetic.yaml"),
+            "--trainer.fast_dev_run=1",
+            "--trainer.logger=false",
+            f"--trainer.default_root_dir={tmp_path}",
+            "--data.init_args.batch_size=4",
+        ]
+    )
+    assert isinstance(cli.model, Detection) and "val/mAP" in cli.trainer.callback_metrics
+
+
+def test_fmnist_scenes_config_instantiates():
+    cli = run_cli(["--config", str(CONFIGS / "detection_fmnist_scenes.yaml")])
+    assert isinstance(cli.model, Detection) and cli.model.num_classes == 10
+    assert cli.datamodule.hparams.dataset == "fmnist_scenes"
