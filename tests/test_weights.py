@@ -207,6 +207,33 @@ def test_huggingface_folder_and_safetensors_match_transformers(gated, tmp_path):
             assert error <= TOLERANCE, (source.name, error)
 
 
+def test_huggingface_in_memory_state_dict_loads_like_the_saved_file(tmp_path):
+    model = _hf_model(gated=False)
+    model.save_pretrained(tmp_path / "hf")
+    overrides = dict(depth=2, embed_dim=64, num_heads=2, patch_size=8)
+    from_memory = DINOv3Backbone("vit_small_patch16_dinov3_qkvb", weights=model.state_dict(), **overrides)
+    from_file = DINOv3Backbone("vit_small_patch16_dinov3_qkvb", weights=tmp_path / "hf", **overrides)
+    assert any(key.startswith("model.layer.") for key in model.state_dict())  # in memory the blocks sit under model.
+    for key, value in from_file.state_dict().items():
+        assert torch.equal(from_memory.state_dict()[key], value), key
+
+
+def test_upstream_conversion_agrees_with_timm_filter():
+    from timm.models.eva import checkpoint_filter_fn
+
+    arch, overrides, layout = UPSTREAM_LAYOUTS["vithplus16_tiny_swiglu"]
+    weights = make_upstream_state_dict(seed=0, **layout)
+    backbone = DINOv3Backbone(arch, weights=weights, **overrides)
+    timm_view = checkpoint_filter_fn(weights, backbone.vit)  # timm's own converter (it drops mask_token)
+    ours = backbone.vit.state_dict()
+    assert set(timm_view) == set(ours)
+    for key, value in timm_view.items():
+        assert torch.equal(ours[key], value), key
+    # Released upstream models store RoPE periods in bf16: still accepted.
+    weights["rope_embed.periods"] = weights["rope_embed.periods"].bfloat16()
+    DINOv3Backbone(arch, weights=weights, **overrides)
+
+
 def test_huggingface_config_mismatch_is_reported(tmp_path):
     model = _hf_model(gated=False)
     model.config.rope_theta = 10000.0
@@ -311,11 +338,19 @@ def test_qkv_bias_rules():
     no_mask = {k: v for k, v in weights.items() if not k.endswith("bias_mask")}
     with pytest.raises(ValueError, match=r"blocks\.0\.attn\.qkv\.bias has a non-zero key \(K\) bias"):
         DINOv3Backbone("vit_small_patch16_dinov3_qkvb", weights=no_mask, depth=2)
+    # A model trained without qkv bias loads into a _qkvb arch with zero biases (exact).
+    no_bias = {k: v for k, v in weights.items() if not k.endswith(("qkv.bias", "qkv.bias_mask"))}
+    backbone = DINOv3Backbone("vit_small_patch16_dinov3_qkvb", weights=no_bias, depth=2)
+    assert torch.count_nonzero(backbone.vit.blocks[0].attn.q_bias) == 0
     # ... but a K bias that is already zero is harmless.
     for key in no_mask:
         if key.endswith("qkv.bias"):
             no_mask[key] = no_mask[key] * weights[key + "_mask"]
     DINOv3Backbone("vit_small_patch16_dinov3_qkvb", weights=no_mask, depth=2)
+    # A model trained without qkv bias loads into a _qkvb arch with zero biases (exact).
+    no_bias = {k: v for k, v in weights.items() if not k.endswith(("qkv.bias", "qkv.bias_mask"))}
+    backbone = DINOv3Backbone("vit_small_patch16_dinov3_qkvb", weights=no_bias, depth=2)
+    assert torch.count_nonzero(backbone.vit.blocks[0].attn.q_bias) == 0
 
 
 def test_wrong_rope_periods_are_reported():
