@@ -191,9 +191,9 @@ def _split_qkv_bias(key: str, bias: Tensor, bias_mask: Tensor | None, has_bias: 
         # Without bias_mask upstream adds the K bias, and with RoPE it changes the attention (the bias is rotated
         # with each patch position), so dropping it would silently change the model.
         raise ValueError(
-            f"{key} has a non-zero key (K) bias that upstream applies (no bias_mask zeroes it, i.e. the model was "
-            "trained with mask_k_bias=False, like upstream's IN-1k recipe); timm's DINOv3 ViT has no K bias, so "
-            "these weights cannot be loaded exactly"
+            f"{key} has a non-zero key (K) bias that the source model applies (upstream: no bias_mask zeroes it, "
+            "i.e. it was trained with mask_k_bias=False like upstream's IN-1k recipe; Hugging Face: key_bias=True). "
+            "timm's DINOv3 ViT has no K bias, so these weights cannot be loaded exactly"
         )
     prefix = key[: -len("qkv.bias")]
     if not has_bias:
