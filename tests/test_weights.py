@@ -359,3 +359,28 @@ def test_wrong_rope_periods_are_reported():
     weights["rope_embed.periods"] = weights["rope_embed.periods"] ** 2  # RoPE base 10000 instead of 100
     with pytest.raises(ValueError, match="rope_embed.periods"):
         DINOv3Backbone("vit_small_patch16_dinov3_qkvb", weights=weights, depth=2)
+
+
+def test_real_ssl_checkpoint_rebuilds_the_teacher_backbone(tmp_path):
+    from dinov3_pl.modules.ssl import DINOSSLModule
+    from dinov3_pl.modules.ssl_config import BackboneConfig, HeadConfig
+
+    overrides = dict(depth=2, embed_dim=64, num_heads=2, patch_size=4, img_size=32)
+    head = HeadConfig(hidden_dim=32, bottleneck_dim=16, num_prototypes=64)
+    module = DINOSSLModule(
+        backbone=BackboneConfig(arch="vit_small_plus_patch16_dinov3", timm_overrides=overrides),
+        dino_head=head,
+        ibot_head=head,
+    )
+    torch.manual_seed(0)
+    with torch.no_grad():  # teacher and student must differ so that picking the wrong one fails
+        for param in module.teacher.parameters():
+            param.add_(torch.randn_like(param))
+    checkpoint = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}
+    module.on_save_checkpoint(checkpoint)  # records backbone_config, as Lightning does when saving
+    torch.save(checkpoint, tmp_path / "run.ckpt")
+    with pytest.warns(UserWarning, match="weights_only=False"):  # hyper-parameters hold dataclasses
+        backbone = build_backbone(weights=tmp_path / "run.ckpt")
+    assert backbone.arch == "vit_small_plus_patch16_dinov3"
+    for key, value in module.teacher.backbone.state_dict().items():
+        assert torch.equal(backbone.state_dict()[key], value), key
