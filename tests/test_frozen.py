@@ -137,12 +137,20 @@ def test_eval_feature_cache_skips_backbone_and_gives_same_features():
     second = module.batch_features(batch, "val")
     assert len(calls) == 1  # served from the cache
     torch.testing.assert_close(first, second)
-    module.batch_features(batch, "train")  # training batches are augmented: never cached
+    module.batch_features(batch, "train")  # training batches are augmented: not cached unless asked
+    module.batch_features(batch, "train")
     module.batch_features(batch, "test")  # another stage: its own cache
-    assert len(calls) == 3
+    assert len(calls) == 4
     module.clear_feature_cache()
     module.batch_features(batch, "val")
-    assert len(calls) == 4
+    assert len(calls) == 5
+    module.cache_train_features = True
+    module.batch_features(batch, "train")
+    module.batch_features(batch, "train")
+    assert len(calls) == 6
+    module.unfreeze_last_blocks(1)  # a trained backbone changes its features: no cache
+    module.batch_features(batch, "val")
+    assert len(calls) == 7
 
 
 def test_checkpoint_leaves_out_frozen_backbone_and_restores_it(tmp_path):

@@ -91,6 +91,7 @@ class FrozenBackboneModule(L.LightningModule):
         self.feature_type = feature_type
         self.n_last_blocks = n_last_blocks
         self.cache_eval_features = cache_eval_features
+        self.cache_train_features = False  # subclasses may enable it for non-augmented training data
         self.backbone_weights = weights
         self.backbone = build_eval_backbone(arch, weights, backbone_kwargs)
         depth = getattr(self.backbone, "depth", None)
@@ -209,15 +210,16 @@ class FrozenBackboneModule(L.LightningModule):
 
     # ------------------------------------------------------------------------------------ feature cache
     def batch_features(self, batch: dict[str, Any], stage: str, dataloader_idx: int = 0) -> Tensor:
-        """``features(batch["images"])``, served from the eval feature cache when it is on and applicable.
+        """``features(batch["images"])``, served from the in-memory feature cache when it applies.
 
-        The cache is used only in the validation/test/predict stages (``stage`` in {"val", "test", "predict"}),
-        only while the backbone is frozen, and only for batches with ``"indices"``.
+        The cache is used while the backbone is frozen, for batches with ``"indices"``, in the validation/test/predict
+        stages (``stage`` in {"val", "test", "predict"}) when ``cache_eval_features`` is on, and in ``"train"`` only
+        when a subclass sets ``self.cache_train_features = True`` (correct only without random augmentation).
         """
         images = batch["images"]
         indices = batch.get("indices")
-        usable = self.cache_eval_features and self.backbone_frozen and indices is not None
-        if not usable or stage not in ("val", "test", "predict"):
+        enabled = self.cache_train_features if stage == "train" else self.cache_eval_features
+        if not enabled or not self.backbone_frozen or indices is None:
             return self.features(images)
         store = self._feature_cache.setdefault((stage, dataloader_idx), {})
         keys = [int(i) for i in indices]

@@ -138,10 +138,7 @@ class LinearProbe(FrozenBackboneModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         labels = batch["labels"]
         self._check_labels(labels)
-        if self.cache_train_features:
-            features = self.batch_features(batch, "train")
-        else:
-            features = self.features(batch["images"])
+        features = self.batch_features(batch, "train")  # cached only with cache_train_features
         losses = [F.cross_entropy(head(features), labels) for head in self.heads]
         # Heads are independent (frozen features), so the sum trains each with its own gradient.
         loss = torch.stack(losses).sum()
