@@ -46,6 +46,12 @@ def test_head_is_bn_then_conv_and_forward_pads_to_patch_multiple():
     torch.testing.assert_close(head(x), expected)
     model = Segmentation(num_classes=3, backbone_kwargs=TINY).eval()
     assert model(torch.randn(1, 3, 30, 21)).shape == (1, 3, 30, 21)  # padded to 32x24 inside, cut back
+    two_layers = Segmentation(num_classes=3, backbone_kwargs=TINY, n_layers=2, dropout=0.0).eval()
+    assert two_layers.head.classifier.in_channels == 2 * TINY["embed_dim"]
+    images = torch.randn(1, 3, 16, 16)
+    maps = two_layers.backbone.get_intermediate_layers(images, n=2, reshape=True, norm=True)
+    expected = nn.functional.interpolate(two_layers.head(torch.cat(maps, 1)), size=(16, 16), mode="bilinear")
+    torch.testing.assert_close(two_layers(images), expected)
 
 
 def test_sliding_window_averages_overlaps():

@@ -314,6 +314,11 @@ class _DenseDataModule(pl.LightningDataModule):
             pin_memory=torch.cuda.is_available(),
         )
 
+    def prepare_data(self) -> None:
+        # Lightning calls this on one process per node: the scenes are built once, not by every DDP rank.
+        if self.hparams.dataset == "fmnist_scenes":
+            self._build_scenes()
+
     def _build_scenes(self) -> Path:
         from dinov3_pl.data.scenes import ensure_fmnist_scenes
 

@@ -244,9 +244,15 @@ def ensure_fmnist_scenes(
     staging = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
     try:
         build_fmnist_scenes(fmnist_root, staging, num_train=num_train, num_val=num_val, seed=seed, **kwargs)
-        if root.exists():
-            root.rmdir()
-        staging.rename(root)
+        try:
+            if root.exists():
+                root.rmdir()
+            staging.rename(root)
+        except OSError:
+            if not meta_file.is_file():
+                raise
+            # Another process finished the same build first: check its settings and use it.
+            return ensure_fmnist_scenes(root, fmnist_root, num_train, num_val, seed, **kwargs)
     finally:
         if staging.exists():
             shutil.rmtree(staging)
