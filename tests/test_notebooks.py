@@ -75,21 +75,25 @@ def test_committed_notebooks_have_no_outputs():
                 assert not cell.outputs and cell.execution_count is None, f"clear the outputs of {path.name}"
 
 
-def test_quickstart_runs_with_a_tiny_random_backbone(kernel_dir):
+def test_quickstart_runs_from_a_tiny_dinov3_pl_checkpoint(kernel_dir, tmp_path):
+    # The path the notebook documents for own checkpoints: WEIGHTS = a .ckpt, ARCH = None (read from the ckpt).
+    from dinov3_pl.models.backbone import DINOv3Backbone
+
+    torch.manual_seed(0)
+    teacher = DINOv3Backbone("vit_small_patch16_dinov3", **TINY_BACKBONE)
+    checkpoint = {
+        "state_dict": {f"teacher.backbone.{key}": value for key, value in teacher.state_dict().items()},
+        "backbone_config": {"arch": "vit_small_patch16_dinov3", "timm_overrides": TINY_BACKBONE},
+    }
+    torch.save(checkpoint, tmp_path / "tiny.ckpt")
     notebook = run_notebook(
         "quickstart.ipynb",
-        {
-            "WEIGHTS": None,
-            "ARCH": "vit_small_patch16_dinov3",
-            "BACKBONE_KWARGS": TINY_BACKBONE,
-            "IMAGE_SIZE": 64,
-            "NUM_SHAPES": 8,
-            "TOP_K": 3,
-        },
+        {"WEIGHTS": str(tmp_path / "tiny.ckpt"), "ARCH": None, "IMAGE_SIZE": 64, "NUM_SHAPES": 8, "TOP_K": 3},
         kernel_dir,
     )
     text = text_of(notebook)
-    assert "random init" in text and "64x64" in text
+    assert f"depth 2, dim 64, patch 8, weights: {tmp_path / 'tiny.ckpt'}" in text
+    assert "14 images of 64x64" in text
     assert "'patch': (14, 64, 64)" in text  # 6 photos + 8 shapes, (64 / 8)^2 patches, dim 64
     assert "kNN (k=8) accuracy on 8 new shapes" in text
     assert png_count(notebook) == 3  # images, retrieval, PCA maps
@@ -122,7 +126,7 @@ def write_fake_experiment(root: Path) -> Path:
         "budget": "test",
         "protocol": {"dataset": "Fashion-MNIST"},
         "rows": rows,
-        "wall_time_s": 12.0,
+        "wall_time_s": 90.0,
         "hardware": "2 CPU cores",
         "tensorboard_dir": str(log_root),
     }
@@ -135,6 +139,7 @@ def test_fashion_mnist_results_shows_table_curves_and_pca_image(kernel_dir, tmp_
     results = write_fake_experiment(tmp_path)
     notebook = run_notebook("fashion_mnist_results.ipynb", {"RESULTS": str(results)}, kernel_dir)
     text = text_of(notebook)
+    assert "budget 'test', wall time 1.5 min" in text
     assert "| dinov3-pl tiny | 81.2 | - | - | 85.0 | 50.0 | - |" in text
     assert "pretrain/version_0" in text and "pretrain/version_1" in text
     assert png_count(notebook) == 2  # training curves, PCA image
