@@ -169,8 +169,14 @@ def load_results(path: str | Path) -> dict[str, Any]:
     return results
 
 
-def results_markdown_table(rows: Sequence[Mapping[str, Any]], metrics: Sequence[str] = RESULT_METRICS) -> str:
-    """Markdown table, one line per method; metrics as percentages with one decimal, missing ones as '-'."""
+def results_markdown_table(rows: Sequence[Mapping[str, Any]], metrics: Sequence[str] | None = None) -> str:
+    """Markdown table, one line per method; metrics as percentages with one decimal, missing ones as '-'.
+
+    ``metrics=None`` shows the standard columns (``RESULT_METRICS``) followed by any other key the rows have.
+    """
+    if metrics is None:
+        extra = [key for row in rows for key in row if key != "method" and key not in RESULT_METRICS]
+        metrics = [*RESULT_METRICS, *dict.fromkeys(extra)]
 
     def cell(value: Any) -> str:
         return "-" if value is None else f"{100 * float(value):.1f}"

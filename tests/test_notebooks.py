@@ -198,6 +198,9 @@ def test_skimage_photos_are_rgb_uint8():
 def test_results_table_and_loader(tmp_path):
     table = viz.results_markdown_table([{"method": "a", "knn_top1_k10": 0.5}], metrics=("knn_top1_k10", "seg_miou"))
     assert table.splitlines() == ["| method | knn_top1_k10 | seg_miou |", "|---|---|---|", "| a | 50.0 | - |"]
+    extra = viz.results_markdown_table([{"method": "a", "knn_top1_k100": 0.25}, {"method": "b", "linear_top5": 1}])
+    assert extra.splitlines()[0].endswith("| det_map50 | knn_top1_k100 | linear_top5 |")
+    assert extra.splitlines()[2] == "| a | - | - | - | - | - | - | 25.0 | - |"
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"rows": []}))
     with pytest.raises(ValueError, match="missing keys"):
