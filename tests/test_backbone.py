@@ -143,7 +143,10 @@ def _ddp_worker(rank: int, world_size: int, init_file: str, result_file: str) ->
 def test_ddp_step_without_masks_has_no_unused_parameters(tmp_path):
     result = tmp_path / "rank0.pt"
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "rendezvous"), str(result)), nprocs=2, join=True)
+    # fork: the children inherit the imported modules, which saves seconds of start-up per process.
+    mp.start_processes(
+        _ddp_worker, args=(2, str(tmp_path / "rendezvous"), str(result)), nprocs=2, join=True, start_method="fork"
+    )
     trained = torch.load(result, weights_only=True)
     initial = tiny().state_dict()
     assert (trained["vit.cls_token"] - initial["vit.cls_token"]).abs().max() > 0
