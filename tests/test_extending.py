@@ -121,3 +121,35 @@ data:
     assert isinstance(cli.model, CountingProbe) and cli.model.hparams.lr == 0.01
     assert cli.trainer.global_step == 3
     assert "count/mae" in cli.trainer.callback_metrics
+
+
+# ---------------------------------------------------------------------------- the shipped classification configs
+CONFIGS = ["knn_synthetic", "linear_synthetic", "knn_fashion_mnist", "linear_fashion_mnist"]
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_classification_configs_instantiate(name):
+    from dinov3_pl.cli import DINOv3CLI
+    from dinov3_pl.data.classification import ClassificationDataModule
+
+    cli = DINOv3CLI(args=["--config", f"configs/eval/{name}.yaml"], run=False)
+    assert isinstance(cli.datamodule, ClassificationDataModule)
+    assert cli.datamodule.hparams.knn_mode == name.startswith("knn")
+    assert cli.model.backbone.patch_size in (4, 8) and cli.model.backbone.depth in (2, 4)
+    assert cli.datamodule.hparams.image_size % cli.model.backbone.patch_size == 0
+
+
+def test_knn_synthetic_config_validates_end_to_end(tmp_path):
+    from dinov3_pl.cli import main
+
+    overrides = [
+        "--data.init_args.synthetic_train_samples=64",
+        "--data.init_args.synthetic_eval_samples=32",
+        "--model.init_args.ks=[5, 10]",
+        f"--trainer.default_root_dir={tmp_path}",
+        "--trainer.enable_progress_bar=false",
+    ]
+    cli = main(["validate", "--config", "configs/eval/knn_synthetic.yaml", *overrides])
+    metrics = cli.trainer.callback_metrics
+    assert {"knn/top1_k5", "knn/top5_k10"} <= set(metrics)
+    assert 0.0 <= float(metrics["knn/top1_k5"]) <= 1.0
