@@ -22,11 +22,19 @@ from collections.abc import Sequence
 from typing import Any
 
 import albumentations as A
-import cv2
 import numpy as np
 import torch
+from PIL import Image
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "MultiCropTransform", "EvalTransform", "sample_crop_box", "to_rgb_array"]
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "MultiCropTransform",
+    "EvalTransform",
+    "sample_crop_box",
+    "to_rgb_array",
+    "resize_bicubic",
+]
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -82,10 +90,19 @@ def sample_crop_box(
     return (height - crop_height) // 2, (width - crop_width) // 2, crop_height, crop_width
 
 
-def _resize_bicubic(image: np.ndarray, size: int) -> np.ndarray:
-    if image.shape[0] == size and image.shape[1] == size:
+def resize_bicubic(
+    image: np.ndarray, width: int, height: int, box: tuple[int, int, int, int] | None = None
+) -> np.ndarray:
+    """Bicubic resize of ``image`` (or of its ``box`` = (left, top, right, bottom)) to ``width`` x ``height``.
+
+    Uses PIL, which low-pass filters when shrinking: the same result as upstream's torchvision
+    RandomResizedCrop/Resize on PIL images (antialiased bicubic), unlike OpenCV's INTER_CUBIC.
+    """
+    full_box = (0, 0, image.shape[1], image.shape[0])
+    if (box is None or tuple(box) == full_box) and image.shape[:2] == (height, width):
         return image
-    return cv2.resize(image, (size, size), interpolation=cv2.INTER_CUBIC)
+    resized = Image.fromarray(image).resize((width, height), Image.Resampling.BICUBIC, box=box)
+    return np.asarray(resized)
 
 
 class MultiCropTransform:
@@ -187,11 +204,11 @@ class MultiCropTransform:
         top, left, crop_height, crop_width = sample_crop_box(
             image.shape[0], image.shape[1], scale, self.aspect_ratio, rng
         )
-        region = image[top : top + crop_height, left : left + crop_width]
+        box = (left, top, left + crop_width, top + crop_height)
         flip = rng.random() < self.horizontal_flip_probability
         outputs = []
         for size in sizes:
-            resized = _resize_bicubic(region, size)
+            resized = resize_bicubic(image, size, size, box=box)
             outputs.append(np.ascontiguousarray(resized[:, ::-1]) if flip else resized)
         return outputs
 
@@ -254,7 +271,7 @@ class EvalTransform:
         new_height = max(self.size, int(round(height * self.resize_size / shorter)))
         new_width = max(self.size, int(round(width * self.resize_size / shorter)))
         if (new_height, new_width) != (height, width):
-            image = cv2.resize(image, (new_width, new_height), interpolation=cv2.INTER_CUBIC)
+            image = resize_bicubic(image, new_width, new_height)
         top, left = (new_height - self.size) // 2, (new_width - self.size) // 2
         image = image[top : top + self.size, left : left + self.size]
         normalised = (image.astype(np.float32) - self._offset) / self._scale
