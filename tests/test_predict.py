@@ -126,3 +126,20 @@ def test_bad_settings_are_reported(tmp_path):
         FeatureExtractor("vit_small_patch16_dinov3", None, BACKBONE, tmp_path / "features.csv")
     with pytest.raises(FileNotFoundError, match="missing.pth"):
         FeatureExtractor("vit_small_patch16_dinov3", str(tmp_path / "missing.pth"), BACKBONE)
+
+
+def test_two_process_prediction_writes_each_image_once(tmp_path, weights):
+    """A distributed sampler splits (and pads) the images over ranks; rank 0 gathers them back in order."""
+    make_folder(tmp_path / "images")
+    output = tmp_path / "features.pt"
+    module = FeatureExtractor("vit_small_patch16_dinov3", str(weights), BACKBONE, output)
+    data = ImageFolderPredictDataModule(tmp_path / "images", image_size=32, patch_size=8, batch_size=2, num_workers=0)
+    trainer = L.Trainer(
+        accelerator="cpu", devices=2, strategy="ddp_fork", logger=False, enable_progress_bar=False,
+        enable_checkpointing=False, enable_model_summary=False,
+    )  # fmt: skip
+    trainer.predict(module, datamodule=data, return_predictions=False)
+    features = load_features(output)
+    expected_paths, cls, _, _ = direct_features(tmp_path / "images", weights)
+    assert features["paths"] == expected_paths
+    torch.testing.assert_close(features["cls"], cls, atol=1e-5, rtol=1e-5)
