@@ -68,7 +68,8 @@ class KNN(FrozenBackboneModule):
         results = self.knn.compute()
         self.knn.reset()
         self._saw_queries = False
-        self.log_dict({f"knn/{name}": value for name, value in results.items()})
+        # Values are already global (the metric gathers every rank); sync_dist only silences the DDP warning.
+        self.log_dict({f"knn/{name}": value for name, value in results.items()}, sync_dist=True)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
         self._update(batch, "val", dataloader_idx)

@@ -181,12 +181,12 @@ class LinearProbe(FrozenBackboneModule):
         results = self._collect("val")
         best = int(results[1].argmax())
         self.best_head.fill_(best)
-        logged = {"linear/top1": results[1][best], "linear/best_lr": torch.tensor(self.learning_rates[best])}
+        logged = {"linear/top1": results[1][best], "linear/best_lr": float(self.learning_rates[best])}
         if 5 in results:
             logged["linear/top5"] = results[5][best]
         for index in range(len(self.heads)):
             logged[f"linear/lr_{self._lr_name(index)}/top1"] = results[1][index]
-        self.log_dict(logged)
+        self.log_dict(logged, sync_dist=True)  # already global values (torchmetrics syncs)
 
     def on_test_epoch_end(self) -> None:
         results = self._collect("test")
@@ -194,12 +194,12 @@ class LinearProbe(FrozenBackboneModule):
         if best < 0:
             best = int(results[1].argmax())
             self.print("LinearProbe: no validation ran, so the reported head is the best on the test set itself")
-        logged = {"linear/test_top1": results[1][best], "linear/test_best_lr": torch.tensor(self.learning_rates[best])}
+        logged = {"linear/test_top1": results[1][best], "linear/test_best_lr": float(self.learning_rates[best])}
         if 5 in results:
             logged["linear/test_top5"] = results[5][best]
         for index in range(len(self.heads)):
             logged[f"linear/lr_{self._lr_name(index)}/test_top1"] = results[1][index]
-        self.log_dict(logged)
+        self.log_dict(logged, sync_dist=True)  # already global values (torchmetrics syncs)
 
     # ------------------------------------------------------------------------------------ optimisation
     def _global_batch_size(self) -> int | None:
