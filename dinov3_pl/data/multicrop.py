@@ -161,13 +161,6 @@ def collate_eval(samples: Sequence[tuple[torch.Tensor, int] | None]) -> dict[str
     }
 
 
-def _limit_threads_in_worker(worker_id: int) -> None:
-    # OpenCV spawns one thread per core in every worker otherwise, oversubscribing small machines.
-    import cv2
-
-    cv2.setNumThreads(1)
-
-
 class MultiCropDataModule(LightningDataModule):
     """DINOv3 pretraining data: multi-crop train batches and, optionally, kNN-monitor validation loaders.
 
@@ -325,7 +318,6 @@ class MultiCropDataModule(LightningDataModule):
             "num_workers": workers,
             "pin_memory": self.hparams.pin_memory and torch.cuda.is_available(),
             "persistent_workers": self.hparams.persistent_workers and workers > 0,
-            "worker_init_fn": _limit_threads_in_worker if workers > 0 else None,
         }
 
     def train_dataloader(self) -> DataLoader:

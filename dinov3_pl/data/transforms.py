@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import albumentations as A
+import cv2
 import numpy as np
 import torch
 from PIL import Image
@@ -35,6 +36,10 @@ __all__ = [
     "to_rgb_array",
     "resize_bicubic",
 ]
+
+# Data-loader workers are the parallelism; OpenCV's own thread pool (used inside albumentations) is not fork-safe:
+# a pool created in the main process can deadlock forked workers. Single-threaded OpenCV avoids both problems.
+cv2.setNumThreads(0)
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
