@@ -65,6 +65,18 @@ def test_epoch_seed_sampler():
     assert list(sampler) == first
 
 
+def test_epoch_seed_sampler_under_lightning_distributed_wrapper():
+    from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
+
+    keys = []
+    for rank in range(2):
+        sampler = EpochSeedSampler(10, seed=0)
+        wrapper = DistributedSamplerWrapper(sampler, num_replicas=2, rank=rank, shuffle=False)
+        keys += list(wrapper)
+    # Each rank gets half of the same epoch's permutation: together every index exactly once.
+    assert {epoch for epoch, _ in keys} == {0} and sorted(index for _, index in keys) == list(range(10))
+
+
 def _first_batch(**kwargs) -> dict:
     datamodule = MultiCropDataModule(**{**TINY, **kwargs})
     datamodule.setup("fit")

@@ -57,9 +57,9 @@ class EpochSeedSampler(Sampler):
         epoch = self.epoch
         self.epoch += 1
         if self.shuffle:
-            order = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(self.seed + epoch))
+            order = np.random.default_rng((self.seed, epoch)).permutation(self.num_samples)
         else:
-            order = torch.arange(self.num_samples)
+            order = np.arange(self.num_samples)
         return iter([(epoch, int(index)) for index in order])
 
 
