@@ -16,7 +16,12 @@ from dinov3_pl.models.dense_heads import SimpleFeaturePyramid
 from dinov3_pl.modules.detection import Detection, detection_overlay
 
 TINY = {"depth": 2, "embed_dim": 32, "num_heads": 2, "patch_size": 8, "img_size": 32}
-SMALL_HEADS = {"pyramid_channels": 16, "representation_size": 32}
+SMALL_HEADS = {
+    "pyramid_channels": 16,
+    "representation_size": 32,
+    "box_batch_size_per_image": 32,
+    "rpn_post_nms_top_n_train": 64,
+}
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "eval"
 
 
@@ -160,7 +165,9 @@ def test_synthetic_config_runs_through_the_cli(tmp_path):
             "--trainer.fast_dev_run=1",
             "--trainer.logger=false",
             f"--trainer.default_root_dir={tmp_path}",
-            "--data.init_args.batch_size=4",
+            "--data.init_args.batch_size=2",
+            "--data.init_args.image_size=32",
+            "--model.init_args.pyramid_channels=16",
         ]
     )
     assert isinstance(cli.model, Detection) and "val/mAP" in cli.trainer.callback_metrics

@@ -96,6 +96,9 @@ class Detection(FrozenBackboneModule):
         anchor_scale: anchor side = ``anchor_scale`` × level stride (torchvision's FPN default is 8; small images
             want smaller anchors); ``aspect_ratios`` per location.
         representation_size: width of the RoI box head's two MLP layers (torchvision default 1024).
+        rpn_post_nms_top_n_train, rpn_post_nms_top_n_test, box_batch_size_per_image: torchvision's proposal and
+            RoI sampling counts (COCO defaults). Small images with few objects need far fewer, and on a CPU the
+            RoIAlign backward pass, linear in the sampled RoIs, dominates the step time.
         log_images_every_n_epochs: log box overlays of the first validation batch every N validation epochs.
     """
 
@@ -113,6 +116,9 @@ class Detection(FrozenBackboneModule):
         anchor_scale: float = 4.0,
         aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0),
         representation_size: int = 1024,
+        rpn_post_nms_top_n_train: int = 2000,
+        rpn_post_nms_top_n_test: int = 1000,
+        box_batch_size_per_image: int = 512,
         box_detections_per_img: int = 100,
         box_score_thresh: float = 0.05,
         optimizer: Literal["adamw", "sgd"] = "adamw",
@@ -162,6 +168,9 @@ class Detection(FrozenBackboneModule):
             box_roi_pool=roi_pool,
             box_head=box_head,
             box_predictor=FastRCNNPredictor(hp.representation_size, self.num_classes + 1),
+            rpn_post_nms_top_n_train=hp.rpn_post_nms_top_n_train,
+            rpn_post_nms_top_n_test=hp.rpn_post_nms_top_n_test,
+            box_batch_size_per_image=hp.box_batch_size_per_image,
             box_detections_per_img=hp.box_detections_per_img,
             box_score_thresh=hp.box_score_thresh,
             size_divisible=size_divisible,
@@ -197,8 +206,11 @@ class Detection(FrozenBackboneModule):
         return loss
 
     def _evaluate(self, batch: dict, batch_idx: int, stage: str) -> None:
-        predictions = self(batch["images"])
-        targets = [{"boxes": t["boxes"], "labels": t["labels"]} for t in batch["targets"]]
+        # float32 boxes/scores for the COCO evaluator, also under bf16 mixed precision.
+        predictions = [
+            {k: v.float() if v.is_floating_point() else v for k, v in p.items()} for p in self(batch["images"])
+        ]
+        targets = [{"boxes": t["boxes"].float(), "labels": t["labels"]} for t in batch["targets"]]
         self.val_map.update(predictions, targets)
         if stage == "val" and batch_idx == 0:
             self._log_overlay(batch["images"], targets, predictions)
