@@ -8,19 +8,23 @@ LightningDataModule subclass, including a user's own).
 from __future__ import annotations
 
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 
 def trainer_defaults() -> dict:
-    """bf16 mixed precision on a GPU, fp32 on the CPU; the last checkpoint always kept for ``--ckpt_path last``."""
-    return {
-        "precision": "bf16-mixed" if torch.cuda.is_available() else "32-true",
-        "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"save_last": True}}],
-    }
+    """bf16 mixed precision on a GPU, fp32 on the CPU."""
+    return {"precision": "bf16-mixed" if torch.cuda.is_available() else "32-true"}
 
 
 class DINOv3CLI(LightningCLI):
-    """LightningCLI with the project's trainer defaults and a config file that may be overwritten on reruns."""
+    """LightningCLI with the project's trainer defaults, a config file that may be overwritten on reruns, and a
+    ``ModelCheckpoint`` that is always there (configured under ``checkpoint:``; ``save_last`` on by default, so
+    ``--ckpt_path last`` resumes)."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.save_last": True})
 
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("subclass_mode_model", True)

@@ -16,6 +16,7 @@ Every schedule is a function of ``global_step`` (the optimizer step), so a resum
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
 from typing import Any
@@ -77,12 +78,13 @@ class DINOSSLModule(L.LightningModule):
         knn_temperature: float = 0.07,
     ) -> None:
         super().__init__()
-        self.backbone_config = backbone or BackboneConfig()
-        self.loss_config = loss or LossConfig()
-        self.teacher_config = teacher or TeacherConfig()
-        self.optim_config = optim or OptimConfig()
-        self.gram_config = gram or GramConfig()
-        dino_head, ibot_head = dino_head or HeadConfig(), ibot_head or HeadConfig()
+        # Plain dicts are accepted too: that is how `load_from_checkpoint` passes the saved hyper-parameters.
+        self.backbone_config = backbone = _config(BackboneConfig, backbone)
+        self.loss_config = loss = _config(LossConfig, loss)
+        self.teacher_config = teacher = _config(TeacherConfig, teacher)
+        self.optim_config = optim = _config(OptimConfig, optim)
+        self.gram_config = gram = _config(GramConfig, gram)
+        dino_head, ibot_head = _config(HeadConfig, dino_head), _config(HeadConfig, ibot_head)
         self.save_hyperparameters()
 
         student_backbone = self.backbone_config.build()
@@ -396,12 +398,35 @@ class DINOSSLModule(L.LightningModule):
 
     # ------------------------------------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Dicts instead of dataclasses keep the checkpoint loadable with torch.load(weights_only=True).
+        hyper_parameters = checkpoint.get("hyper_parameters", {})
+        for key, value in hyper_parameters.items():
+            if dataclasses.is_dataclass(value):
+                hyper_parameters[key] = dataclasses.asdict(value)
         # Lets `DINOv3Backbone(weights=run.ckpt)` and the eval modules rebuild the teacher backbone from the file.
         checkpoint["backbone_config"] = {
             "arch": self.backbone_config.arch,
             "timm_overrides": dict(self.backbone_config.timm_overrides),
         }
         checkpoint["consecutive_bad_steps"] = self.consecutive_bad_steps
+        # Drop path and RoPE rescaling draw from the global RNG: restoring it makes a resumed run exact.
+        checkpoint["rng_states"] = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            checkpoint["rng_states"]["cuda"] = torch.cuda.get_rng_state_all()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.consecutive_bad_steps = checkpoint.get("consecutive_bad_steps", 0)
+        states = checkpoint.get("rng_states", {})
+        if "torch" in states:
+            torch.set_rng_state(states["torch"])
+        if "cuda" in states and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def _config(config_type: type, value: Any) -> Any:
+    """``value`` as a ``config_type`` dataclass: ``None`` gives the defaults, a dict its fields."""
+    if value is None:
+        return config_type()
+    if isinstance(value, dict):
+        return config_type(**value)
+    return value
