@@ -187,9 +187,22 @@ def test_datamodule_errors(tmp_path):
 
 
 def test_train_augmentation_changes_crops_but_eval_is_fixed():
-    data = ClassificationDataModule(synthetic_train_samples=4, synthetic_eval_samples=4, batch_size=4, seed=3)
+    data = ClassificationDataModule(
+        synthetic_train_samples=4,
+        synthetic_eval_samples=4,
+        synthetic_image_size=32,
+        image_size=32,
+        eval_crop_ratio=1.0,
+        batch_size=4,
+        seed=3,
+    )
     data.setup()
     train, bank = data.split("train"), data.split("bank")
     assert not torch.equal(train[0]["image"], train[0]["image"])  # random resized crop + flip
-    assert torch.equal(bank[0]["image"], bank[0]["image"])
     assert train[0]["label"] == bank[0]["label"] and bank[0]["image"].shape == (3, 32, 32)
+    # Eval transform at the native size: just ImageNet normalisation of the raw pixels.
+    from dinov3_pl.data.datasets import SyntheticShapes
+
+    raw = torch.from_numpy(SyntheticShapes(4, 32, seed=3)[0]["image"]).permute(2, 0, 1).float() / 255.0
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    torch.testing.assert_close(bank[0]["image"], (raw - mean[:, None, None]) / std[:, None, None])

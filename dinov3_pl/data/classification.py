@@ -19,15 +19,19 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from dinov3_pl.data.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform
+
 __all__ = ["ClassificationDataModule", "classification_collate", "eval_transform", "train_transform"]
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
+def train_transform(
+    image_size: int, scale: Sequence[float], mean: Sequence[float], std: Sequence[float]
+) -> Callable[[np.ndarray], Tensor]:
+    """Linear-probe training augmentation (upstream): bicubic random resized crop, horizontal flip, normalise.
 
-def train_transform(image_size: int, scale: Sequence[float], mean: Sequence[float], std: Sequence[float]) -> A.Compose:
-    """Linear-probe training augmentation (upstream): bicubic random resized crop, horizontal flip, normalise."""
-    return A.Compose(
+    Returns a callable ``uint8 [H, W, 3] -> float [3, S, S]`` like ``EvalTransform``.
+    """
+    pipeline = A.Compose(
         [
             A.RandomResizedCrop(size=(image_size, image_size), scale=tuple(scale), interpolation=cv2.INTER_CUBIC),
             A.HorizontalFlip(p=0.5),
@@ -35,19 +39,20 @@ def train_transform(image_size: int, scale: Sequence[float], mean: Sequence[floa
         ]
     )
 
+    def transform(image: np.ndarray) -> Tensor:
+        augmented = pipeline(image=image)["image"]
+        return torch.from_numpy(np.ascontiguousarray(augmented.transpose(2, 0, 1)))
 
-def eval_transform(image_size: int, crop_ratio: float, mean: Sequence[float], std: Sequence[float]) -> A.Compose:
+    return transform
+
+
+def eval_transform(image_size: int, crop_ratio: float, mean: Sequence[float], std: Sequence[float]) -> EvalTransform:
     """Resize the short side to ``image_size / crop_ratio`` (bicubic), centre-crop ``image_size``, normalise.
 
-    ``crop_ratio=0.875`` is upstream's 256 → 224; ``1.0`` resizes the whole (square) image to ``image_size``.
+    ``crop_ratio=0.875`` is upstream's 256 → 224; ``1.0`` resizes the whole (square) image to ``image_size``. The same
+    transform as the SSL module's online kNN monitor (``dinov3_pl.data.transforms.EvalTransform``).
     """
-    return A.Compose(
-        [
-            A.SmallestMaxSize(max_size=round(image_size / crop_ratio), interpolation=cv2.INTER_CUBIC),
-            A.CenterCrop(height=image_size, width=image_size),
-            A.Normalize(mean=mean, std=std),
-        ]
-    )
+    return EvalTransform(size=image_size, resize_size=round(image_size / crop_ratio), mean=tuple(mean), std=tuple(std))
 
 
 class _Labelled(Dataset):
@@ -69,12 +74,7 @@ class _Labelled(Dataset):
                 f"{self.name} sample {index} has label {label}, outside [0, {self.num_classes}) "
                 f"(num_classes={self.num_classes}; -1 means unlabelled, which classification cannot use)"
             )
-        image = self.transform(image=sample["image"])["image"]
-        return {
-            "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
-            "label": label,
-            "index": index,
-        }
+        return {"image": self.transform(sample["image"]), "label": label, "index": index}
 
 
 def classification_collate(samples: Sequence[dict[str, Any] | None]) -> dict[str, Tensor | int]:
