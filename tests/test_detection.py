@@ -145,15 +145,10 @@ def test_fit_keeps_backbone_bit_identical_and_logs(tmp_path):
 
 
 def run_cli(args: list[str]):
-    from lightning.pytorch.cli import LightningCLI
+    """The project's CLI (dinov3_pl.cli); without a subcommand it only instantiates model and DataModule."""
+    from dinov3_pl.cli import DINOv3CLI
 
-    return LightningCLI(
-        args=args,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        save_config_kwargs={"overwrite": True},
-        run=args[0] == "fit",
-    )
+    return DINOv3CLI(args=args, run=args[0] == "fit")
 
 
 def test_synthetic_config_runs_through_the_cli(tmp_path):

@@ -120,16 +120,10 @@ def test_fit_trains_head_only_and_logs_overlays(tmp_path):
 
 
 def run_cli(args: list[str]):
-    """LightningCLI as dinov3_pl.cli sets it up (subclass modes); the package's own defaults are left out."""
-    from lightning.pytorch.cli import LightningCLI
+    """The project's CLI (dinov3_pl.cli); without a subcommand it only instantiates model and DataModule."""
+    from dinov3_pl.cli import DINOv3CLI
 
-    return LightningCLI(
-        args=args,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        save_config_kwargs={"overwrite": True},
-        run=args[0] == "fit",
-    )
+    return DINOv3CLI(args=args, run=args[0] == "fit")
 
 
 def test_synthetic_config_runs_through_the_cli(tmp_path):
