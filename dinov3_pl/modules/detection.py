@@ -54,6 +54,11 @@ class PyramidBackbone(nn.Module):
         return self.pyramid(self.patch_map(images))
 
 
+def _draw(image: Tensor, boxes: Tensor, labels: list[str], colour: str) -> Tensor:
+    # torchvision warns on an empty box list; an image without boxes is drawn as is.
+    return draw_bounding_boxes(image, boxes, labels, colors=colour) if len(boxes) else image.clone()
+
+
 def detection_overlay(
     images: Tensor,
     targets: Sequence[dict],
@@ -66,13 +71,13 @@ def detection_overlay(
     name = lambda label: class_names[int(label)] if class_names is not None else str(int(label))
     rows = []
     for image, target, prediction in zip(denormalise(images).cpu(), targets, predictions, strict=True):
-        gt = draw_bounding_boxes(image, target["boxes"].cpu(), [name(lab) for lab in target["labels"]], colors="lime")
+        gt = _draw(image, target["boxes"].cpu(), [name(lab) for lab in target["labels"]], "lime")
         keep = prediction["scores"] >= score_threshold
         labels = [
             f"{name(lab)} {score:.2f}"
             for lab, score in zip(prediction["labels"][keep], prediction["scores"][keep], strict=True)
         ]
-        pred = draw_bounding_boxes(image, prediction["boxes"][keep].cpu(), labels, colors="red")
+        pred = _draw(image, prediction["boxes"][keep].cpu(), labels, "red")
         rows.append(torch.cat([gt, pred], dim=2))
     return torch.cat(rows, dim=1)
 
