@@ -97,11 +97,11 @@ class DINOSSLModule(L.LightningModule):
             }
         )
         # The teacher starts as an exact copy (released weights included) and is never trained by gradients.
-        self.teacher = copy.deepcopy(self.student).requires_grad_(False)
+        self.teacher = copy.deepcopy(self.student).requires_grad_(False).eval()
         self.teacher.backbone.rope_rescale = None  # RoPE coordinate augmentation is for the student only
         self.gram_teacher: DINOv3Backbone | None = None
         if self.gram_config.enabled:
-            self.gram_teacher = copy.deepcopy(self.teacher.backbone).requires_grad_(False)
+            self.gram_teacher = copy.deepcopy(self.teacher.backbone).requires_grad_(False).eval()
             if self.gram_config.teacher_weights is not None:
                 from dinov3_pl.models.weights import load_backbone_weights
 
@@ -302,7 +302,7 @@ class DINOSSLModule(L.LightningModule):
     @torch.no_grad()
     def _gram_targets(self, batch: dict, num_student_patches: int) -> Tensor:
         """Gram-teacher patch features on the Gram crops, resized (bicubic, no antialias) to the student grid."""
-        images = batch.get("gram_crops", batch["global_crops"])
+        images = batch["gram_crops"] if "gram_crops" in batch else batch["global_crops"]
         patches = self.gram_teacher(images)["patch"]
         if patches.shape[1] != num_student_patches:
             side, student_side = math.isqrt(patches.shape[1]), math.isqrt(num_student_patches)
