@@ -229,10 +229,10 @@ class Detection(FrozenBackboneModule):
     def _log_epoch_metrics(self, stage: str) -> None:
         results = self.val_map.compute()
         self.val_map.reset()
-        self.log(f"{stage}/mAP", results["map"], prog_bar=True)
-        self.log(f"{stage}/mAP50", results["map_50"], prog_bar=True)
-        self.log(f"{stage}/mAP75", results["map_75"])
-        self.log(f"{stage}/mAR100", results["mar_100"])
+        self.log(f"{stage}/mAP", results["map"], prog_bar=True, sync_dist=True)
+        self.log(f"{stage}/mAP50", results["map_50"], prog_bar=True, sync_dist=True)
+        self.log(f"{stage}/mAP75", results["map_75"], sync_dist=True)
+        self.log(f"{stage}/mAR100", results["mar_100"], sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
         self._log_epoch_metrics("val")

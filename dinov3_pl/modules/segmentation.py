@@ -141,9 +141,10 @@ class Segmentation(FrozenBackboneModule):
         predictions = logits.argmax(dim=1)
         self.val_miou.update(predictions, masks)
         self.val_pixel_accuracy.update(predictions, masks)
-        if masks.ne(IGNORE_INDEX).any():
-            loss = F.cross_entropy(logits, masks, ignore_index=IGNORE_INDEX)
-            self.log(f"{stage}/loss", loss, batch_size=len(masks))
+        # Logged on every batch (every DDP rank must log the same keys); an all-ignore batch counts as loss 0.
+        labelled = masks.ne(IGNORE_INDEX).sum().clamp(min=1)
+        loss = F.cross_entropy(logits, masks, ignore_index=IGNORE_INDEX, reduction="sum") / labelled
+        self.log(f"{stage}/loss", loss, batch_size=len(masks), sync_dist=True)
         if stage == "val" and batch_idx == 0:
             self._log_overlay(batch["images"], masks, predictions)
 
@@ -154,9 +155,10 @@ class Segmentation(FrozenBackboneModule):
         self._evaluate(batch, "test", batch_idx)
 
     def _log_epoch_metrics(self, stage: str) -> None:
-        # compute() reduces the dataset-level confusion matrix (synchronised across processes by torchmetrics).
-        self.log(f"{stage}/mIoU", self.val_miou.compute(), prog_bar=True)
-        self.log(f"{stage}/pixel_accuracy", self.val_pixel_accuracy.compute())
+        # compute() reduces the dataset-level confusion matrix across processes (torchmetrics); the value is global,
+        # so sync_dist only averages identical numbers and silences Lightning's epoch-level DDP warning.
+        self.log(f"{stage}/mIoU", self.val_miou.compute(), prog_bar=True, sync_dist=True)
+        self.log(f"{stage}/pixel_accuracy", self.val_pixel_accuracy.compute(), sync_dist=True)
         self.val_miou.reset()
         self.val_pixel_accuracy.reset()
 
