@@ -88,9 +88,10 @@ class KNNAccuracy(Metric):
             self.query_labels.append(labels)
 
     def compute(self) -> dict[str, Tensor]:
-        if not self.bank_features:
+        # List states before a DDP sync, concatenated tensors after it: test emptiness by element count.
+        if _num_rows(self.bank_features) == 0:
             raise ValueError("KNNAccuracy has an empty bank: call update(..., bank=True) with train features first")
-        if not self.query_features:
+        if _num_rows(self.query_features) == 0:
             raise ValueError("KNNAccuracy has no queries: call update(..., bank=False) with evaluation features")
         bank = F.normalize(dim_zero_cat(self.bank_features), dim=1)
         bank_labels = dim_zero_cat(self.bank_labels)
@@ -125,6 +126,10 @@ class KNNAccuracy(Metric):
             if top5:
                 result[f"top5_k{k}"] = correct[(5, k)] / total
         return result
+
+
+def _num_rows(state: list[Tensor] | Tensor) -> int:
+    return sum(t.shape[0] for t in state) if isinstance(state, list) else state.shape[0]
 
 
 def _nearest(queries: Tensor, bank: Tensor, max_k: int, bank_chunk_size: int) -> tuple[Tensor, Tensor]:
