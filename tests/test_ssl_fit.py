@@ -197,3 +197,24 @@ def test_unknown_config_key_is_a_clear_error(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli_main(cli_args(tmp_path, "--model.init_args.optim.learning_rate=0.1"))
     assert "learning_rate" in capsys.readouterr().err
+
+
+def test_exact_resume_from_a_mid_epoch_checkpoint(tmp_path):
+    """Interrupted half-way through epoch 2 (checkpoint every 2 steps), resumed: the same weights as straight."""
+    L.seed_everything(0)
+    straight_module = tiny_module()
+    straight = trainer(tmp_path / "straight", max_epochs=2, enable_checkpointing=False)
+    straight.fit(straight_module, tiny_data())
+    expected = state(straight_module, straight.optimizers[0])
+
+    L.seed_everything(0)
+    every_two = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1)
+    trainer(tmp_path / "first", max_steps=STEPS_PER_EPOCH + 2, callbacks=[every_two]).fit(tiny_module(), tiny_data())
+    middle = tmp_path / "ckpt" / f"epoch=1-step={STEPS_PER_EPOCH + 2}.ckpt"
+    assert middle.exists()
+    L.seed_everything(7)
+    resumed_module = tiny_module()
+    resumed = trainer(tmp_path / "resumed", max_epochs=2, enable_checkpointing=False)
+    resumed.fit(resumed_module, tiny_data(), ckpt_path=middle)
+    assert resumed.global_step == 2 * STEPS_PER_EPOCH
+    assert_same(state(resumed_module, resumed.optimizers[0]), expected)

@@ -19,7 +19,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from dinov3_pl.data.datasets import FashionMNIST, ImageFolder, SyntheticShapes, default_fashion_mnist_root
 from dinov3_pl.data.masking import IBOTMaskCollator
@@ -35,31 +35,55 @@ __all__ = [
 ]
 
 
-class EpochSeedSampler(Sampler):
+class EpochSeedSampler(DistributedSampler):
     """Yields ``(epoch, index)`` keys in a (seed, epoch)-shuffled order, so samples can seed their augmentations.
 
-    Lightning calls ``set_epoch`` every epoch; without it the epoch advances by one per pass.
+    Distributed-aware (a ``DistributedSampler``, so Lightning uses it as it is): every rank takes
+    ``order[rank::world]``, cut to the same length on every rank (no padding duplicates). Lightning calls
+    ``set_epoch`` every epoch; without it the epoch advances by one per pass. ``resume_from(epoch, samples)``
+    makes that epoch start after the ``samples`` keys this rank had already consumed, so a run restored from a
+    mid-epoch checkpoint sees exactly the batches an uninterrupted run would.
     """
 
-    def __init__(self, num_samples: int, seed: int = 0, shuffle: bool = True) -> None:
-        self.num_samples = int(num_samples)
+    def __init__(
+        self,
+        num_samples: int,
+        seed: int = 0,
+        shuffle: bool = True,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+    ) -> None:
+        if num_replicas is None or rank is None:
+            distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+            num_replicas = torch.distributed.get_world_size() if distributed else 1
+            rank = torch.distributed.get_rank() if distributed else 0
+        self.num_samples_total = int(num_samples)
+        self.num_replicas, self.rank = int(num_replicas), int(rank)
         self.seed = int(seed)
         self.shuffle = bool(shuffle)
         self.epoch = 0
+        self._resume: tuple[int, int] | None = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
+    def resume_from(self, epoch: int, samples_done: int) -> None:
+        self._resume = (int(epoch), int(samples_done))
+
     def __len__(self) -> int:
-        return self.num_samples
+        return self.num_samples_total // self.num_replicas
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         epoch = self.epoch
         self.epoch += 1
         if self.shuffle:
-            order = np.random.default_rng((self.seed, epoch)).permutation(self.num_samples)
+            order = np.random.default_rng((self.seed, epoch)).permutation(self.num_samples_total)
         else:
-            order = np.arange(self.num_samples)
+            order = np.arange(self.num_samples_total)
+        order = order[self.rank :: self.num_replicas][: len(self)]
+        if self._resume is not None and self._resume[0] == epoch:
+            order = order[self._resume[1] :]
+            self._resume = None
         return iter([(epoch, int(index)) for index in order])
 
 
@@ -268,6 +292,7 @@ class MultiCropDataModule(LightningDataModule):
         self.knn_bank_dataset: Dataset | None = None
         self.knn_query_dataset: Dataset | None = None
         self.num_bad_images_seen = 0
+        self._resume_position: tuple[int, int] | None = None
         self._warned_epochs: set[int] = set()
 
     # ----------------------------------------------------------------------------------------------------------------
@@ -323,10 +348,14 @@ class MultiCropDataModule(LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         if self.train_dataset is None:
             self.setup("fit")
+        sampler = EpochSeedSampler(len(self.train_dataset), seed=self.hparams.seed, shuffle=True)
+        if self._resume_position is not None:
+            epoch, batches_done = self._resume_position
+            sampler.resume_from(epoch, batches_done * self.hparams.batch_size)
         return DataLoader(
             self.train_dataset,
             batch_size=self.hparams.batch_size,
-            sampler=EpochSeedSampler(len(self.train_dataset), seed=self.hparams.seed, shuffle=True),
+            sampler=sampler,
             collate_fn=self.collate,
             drop_last=self.hparams.drop_last,
             **self._loader_options(),
@@ -350,6 +379,20 @@ class MultiCropDataModule(LightningDataModule):
             )
             for dataset in (self.knn_bank_dataset, self.knn_query_dataset)
         ]
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the training epoch stands, saved in every checkpoint (see :meth:`load_state_dict`)."""
+        trainer = self.trainer
+        if trainer is None:
+            return {}
+        progress = trainer.fit_loop.epoch_loop.batch_progress.current
+        return {"epoch": trainer.current_epoch, "batches_done": progress.processed}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """A mid-epoch checkpoint resumes that epoch after the batches already trained (Lightning alone would
+        restart the epoch's data from its first batch)."""
+        if "epoch" in state_dict:
+            self._resume_position = (int(state_dict["epoch"]), int(state_dict["batches_done"]))
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Counts skipped images and warns once per epoch when some were dropped."""

@@ -119,6 +119,8 @@ class DINOSSLModule(L.LightningModule):
             self.ibot_center = SoftmaxCenter(ibot_head.num_prototypes, self.loss_config.center_momentum)
 
         self.consecutive_bad_steps = 0
+        # Checkpointed, so a resumed run keeps the seed of the run it continues (see on_train_batch_start).
+        self.register_buffer("run_seed", torch.tensor(torch.initial_seed() % 2**62, dtype=torch.long))
         self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long))
         self._last_step_finite = True
         self._batch_start_time: float | None = None
@@ -207,6 +209,10 @@ class DINOSSLModule(L.LightningModule):
 
     # ------------------------------------------------------------------------------------------------ step
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
+        # Drop path and RoPE rescaling draw from the global RNG. Seeding it from (run seed, step, rank) makes every
+        # step's randomness independent of what ran before, so a run resumed from any checkpoint is exact, and
+        # ranks draw different masks.
+        torch.manual_seed(hash((int(self.run_seed), self.global_step, self.global_rank)) % 2**63)
         self._apply_schedules(self.optimizers().optimizer, self.global_step)
         self._maybe_refresh_gram_teacher()
         self._batch_start_time = time.perf_counter()
@@ -409,18 +415,9 @@ class DINOSSLModule(L.LightningModule):
             "timm_overrides": dict(self.backbone_config.timm_overrides),
         }
         checkpoint["consecutive_bad_steps"] = self.consecutive_bad_steps
-        # Drop path and RoPE rescaling draw from the global RNG: restoring it makes a resumed run exact.
-        checkpoint["rng_states"] = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            checkpoint["rng_states"]["cuda"] = torch.cuda.get_rng_state_all()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.consecutive_bad_steps = checkpoint.get("consecutive_bad_steps", 0)
-        states = checkpoint.get("rng_states", {})
-        if "torch" in states:
-            torch.set_rng_state(states["torch"])
-        if "cuda" in states and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(states["cuda"])
 
 
 def _config(config_type: type, value: Any) -> Any:
