@@ -13,7 +13,8 @@ from torch import nn
 
 from dinov3_pl.data.dense import SegmentationDataModule
 from dinov3_pl.models.dense_heads import LinearSegmentationHead, sliding_window_logits
-from dinov3_pl.modules.segmentation import Segmentation, colour_palette, lr_factor, segmentation_overlay
+from dinov3_pl.modules.frozen import lr_factor
+from dinov3_pl.modules.segmentation import Segmentation, colour_palette, segmentation_overlay
 
 TINY = {"depth": 2, "embed_dim": 32, "num_heads": 2, "patch_size": 8, "img_size": 32}
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "eval"

@@ -25,7 +25,7 @@ from torchvision.utils import draw_bounding_boxes
 
 from dinov3_pl.models.dense_heads import SimpleFeaturePyramid
 from dinov3_pl.modules.frozen import FrozenBackboneModule
-from dinov3_pl.modules.segmentation import denormalise, lr_factor
+from dinov3_pl.modules.segmentation import denormalise
 
 __all__ = ["Detection", "PyramidBackbone", "detection_overlay"]
 
@@ -241,11 +241,8 @@ class Detection(FrozenBackboneModule):
         self._log_epoch_metrics("test")
 
     def _log_overlay(self, images: Tensor, targets: list[dict], predictions: list[dict]) -> None:
-        every = self.hparams.log_images_every_n_epochs
-        if not every or self.trainer.sanity_checking or self.current_epoch % every:
-            return
-        experiment = getattr(self.logger, "experiment", None)
-        if experiment is None or not hasattr(experiment, "add_image"):  # not TensorBoard
+        experiment = self.image_writer(self.hparams.log_images_every_n_epochs)
+        if experiment is None:
             return
         count = self.hparams.num_log_images
         grid = detection_overlay(images[:count], targets[:count], predictions[:count], self.hparams.class_names)
@@ -254,18 +251,7 @@ class Detection(FrozenBackboneModule):
     # ------------------------------------------------------------------------------------ optimisation
     def configure_optimizers(self):
         hp = self.hparams
-        params = list(self.trainable_parameters())
-        if hp.optimizer == "adamw":
-            optimizer = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
-        elif hp.optimizer == "sgd":
-            optimizer = torch.optim.SGD(params, lr=hp.lr, momentum=0.9, weight_decay=hp.weight_decay)
-        else:
-            raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {hp.optimizer!r}")
-        total = max(int(self.trainer.estimated_stepping_batches), 1)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: lr_factor(step, total, hp.warmup_steps, hp.schedule, hp.min_lr_ratio)
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return self.head_optimizer(hp.optimizer, hp.lr, hp.weight_decay, hp.schedule, hp.warmup_steps, hp.min_lr_ratio)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         clip = self.hparams.gradient_clip if self.hparams.gradient_clip is not None else gradient_clip_val

@@ -12,7 +12,7 @@ Subclass contract (see docs/extending.md):
 - those helpers run the backbone under ``torch.no_grad()`` (and bf16 autocast on CUDA) while it is frozen and
   always return float32, so heads train in full precision;
 - ``configure_optimizers`` should optimise ``self.trainable_parameters()`` (the backbone's are excluded while it
-  is frozen);
+  is frozen); ``self.head_optimizer(...)`` builds the usual AdamW/SGD + step-wise LR schedule over them;
 - to fine-tune instead of probing, call ``self.unfreeze_last_blocks(k)`` in ``__init__``: the last ``k`` blocks
   (``-1``: all of the backbone) then train and the helpers run them with gradients; everything else stays frozen.
 """
@@ -20,6 +20,7 @@ Subclass contract (see docs/extending.md):
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
@@ -29,7 +30,7 @@ from torch import Tensor, nn
 
 from dinov3_pl.models.weights import build_backbone
 
-__all__ = ["FeatureType", "FrozenBackboneModule", "build_eval_backbone", "feature_dim"]
+__all__ = ["FeatureType", "FrozenBackboneModule", "build_eval_backbone", "feature_dim", "lr_factor"]
 
 FeatureType = Literal["cls", "cls_meanpatch", "meanpatch"]
 FEATURE_TYPES: tuple[str, ...] = ("cls", "cls_meanpatch", "meanpatch")
@@ -53,6 +54,23 @@ def feature_dim(embed_dim: int, feature_type: str, n_last_blocks: int = 1) -> in
     if feature_type == "meanpatch":
         return embed_dim
     raise ValueError(f"feature_type must be one of {FEATURE_TYPES}, got {feature_type!r}")
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str, min_ratio: float = 0.0) -> float:
+    """Multiplier of the base LR at ``step``: linear warm-up, then cosine / poly(0.9) decay to ``min_ratio`` or
+    constant."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min((step - warmup_steps) / max(total_steps - warmup_steps, 1), 1.0)
+    if schedule == "cosine":
+        decay = 0.5 * (1 + math.cos(math.pi * progress))
+    elif schedule == "poly":
+        decay = (1 - progress) ** 0.9
+    elif schedule == "constant":
+        decay = 1.0
+    else:
+        raise ValueError(f"schedule must be cosine, poly or constant, got {schedule!r}")
+    return min_ratio + (1 - min_ratio) * decay
 
 
 class FrozenBackboneModule(L.LightningModule):
@@ -152,6 +170,40 @@ class FrozenBackboneModule(L.LightningModule):
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         """Parameters that need an optimiser: everything with ``requires_grad`` (heads, unfrozen blocks)."""
         return (p for p in self.parameters() if p.requires_grad)
+
+    def head_optimizer(
+        self,
+        optimizer: str,
+        lr: float,
+        weight_decay: float,
+        schedule: str,
+        warmup_steps: int,
+        min_lr_ratio: float,
+    ) -> dict[str, Any]:
+        """``configure_optimizers`` output for ``trainable_parameters()``: ``"adamw"`` or ``"sgd"`` (momentum 0.9),
+        with a per-step ``lr_factor`` schedule over the trainer's estimated steps."""
+        params = list(self.trainable_parameters())
+        if optimizer == "adamw":
+            opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        elif optimizer == "sgd":
+            opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
+        else:
+            raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {optimizer!r}")
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda step: lr_factor(step, total, warmup_steps, schedule, min_lr_ratio)
+        )
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def image_writer(self, every_n_epochs: int) -> Any | None:
+        """The logger's TensorBoard writer when images are due (every ``every_n_epochs`` epochs, not during the
+        sanity check; ``0``: never), else ``None`` (also for other loggers: nothing to draw on)."""
+        if not every_n_epochs or self.trainer.sanity_checking or self.current_epoch % every_n_epochs:
+            return None
+        experiment = getattr(self.logger, "experiment", None)
+        if experiment is None or not hasattr(experiment, "add_image"):  # not TensorBoard
+            return None
+        return experiment
 
     # ------------------------------------------------------------------------------------ running the backbone
     @contextlib.contextmanager

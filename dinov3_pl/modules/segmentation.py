@@ -9,7 +9,6 @@ evaluated with a sliding window (``inference="slide"``), as upstream's ADE20K ev
 
 from __future__ import annotations
 
-import math
 from typing import Literal
 
 import torch
@@ -169,11 +168,8 @@ class Segmentation(FrozenBackboneModule):
         self._log_epoch_metrics("test")
 
     def _log_overlay(self, images: Tensor, masks: Tensor, predictions: Tensor) -> None:
-        every = self.hparams.log_images_every_n_epochs
-        if not every or self.trainer.sanity_checking or self.current_epoch % every:
-            return
-        experiment = getattr(self.logger, "experiment", None)
-        if experiment is None or not hasattr(experiment, "add_image"):  # not TensorBoard: nothing to draw on
+        experiment = self.image_writer(self.hparams.log_images_every_n_epochs)
+        if experiment is None:
             return
         count = self.hparams.num_log_images
         grid = segmentation_overlay(images[:count], masks[:count], predictions[:count], self.num_classes)
@@ -182,32 +178,4 @@ class Segmentation(FrozenBackboneModule):
     # ------------------------------------------------------------------------------------ optimisation
     def configure_optimizers(self):
         hp = self.hparams
-        params = list(self.trainable_parameters())
-        if hp.optimizer == "adamw":
-            optimizer = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
-        elif hp.optimizer == "sgd":
-            optimizer = torch.optim.SGD(params, lr=hp.lr, momentum=0.9, weight_decay=hp.weight_decay)
-        else:
-            raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {hp.optimizer!r}")
-        total = max(int(self.trainer.estimated_stepping_batches), 1)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: lr_factor(step, total, hp.warmup_steps, hp.schedule, hp.min_lr_ratio)
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-
-def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str, min_ratio: float = 0.0) -> float:
-    """Multiplier of the base LR at ``step``: linear warm-up, then cosine / poly(0.9) decay to ``min_ratio`` or
-    constant."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = min((step - warmup_steps) / max(total_steps - warmup_steps, 1), 1.0)
-    if schedule == "cosine":
-        decay = 0.5 * (1 + math.cos(math.pi * progress))
-    elif schedule == "poly":
-        decay = (1 - progress) ** 0.9
-    elif schedule == "constant":
-        decay = 1.0
-    else:
-        raise ValueError(f"schedule must be cosine, poly or constant, got {schedule!r}")
-    return min_ratio + (1 - min_ratio) * decay
+        return self.head_optimizer(hp.optimizer, hp.lr, hp.weight_decay, hp.schedule, hp.warmup_steps, hp.min_lr_ratio)
