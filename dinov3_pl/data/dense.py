@@ -13,7 +13,7 @@ Batches: segmentation ``{"images": float [B,3,H,W] (ImageNet-normalised), "masks
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -302,13 +302,27 @@ _KNOWN_SEGMENTATION_CLASSES = {
 
 
 class _DenseDataModule(pl.LightningDataModule):
-    def _loader(self, dataset: Dataset, shuffle: bool, batch_size: int, collate) -> DataLoader:
+    """Loaders shared by the dense DataModules: subclasses set ``collate`` and fill ``train_set`` / ``val_set`` in
+    ``setup`` (testing reuses the validation split)."""
+
+    collate: Callable[[Sequence[dict]], dict]
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, True, self.hparams.batch_size)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, False, self.hparams.val_batch_size or self.hparams.batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
+    def _loader(self, dataset: Dataset, shuffle: bool, batch_size: int) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=batch_size,
             shuffle=shuffle,
             num_workers=self.hparams.num_workers,
-            collate_fn=collate,
+            collate_fn=self.collate,
             drop_last=shuffle and len(dataset) > batch_size,
             persistent_workers=self.hparams.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
@@ -354,6 +368,8 @@ class SegmentationDataModule(_DenseDataModule):
         num_train, num_val, seed: sizes and seed of synthetic data / built scenes.
         fmnist_root: Fashion-MNIST idx files for building scenes (None: the Debian package's folder).
     """
+
+    collate = staticmethod(segmentation_collate)
 
     def __init__(
         self,
@@ -402,17 +418,6 @@ class SegmentationDataModule(_DenseDataModule):
         self.train_set = _Transformed(train, train_tf, "segmentation", known)
         self.val_set = _Transformed(val, eval_tf, "segmentation", known)
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, True, self.hparams.batch_size, segmentation_collate)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(
-            self.val_set, False, self.hparams.val_batch_size or self.hparams.batch_size, segmentation_collate
-        )
-
-    def test_dataloader(self) -> DataLoader:
-        return self.val_dataloader()
-
 
 class DetectionDataModule(_DenseDataModule):
     """Object detection data: ``synthetic`` (SyntheticShapes boxes), ``coco`` (``image_root`` +
@@ -423,6 +428,8 @@ class DetectionDataModule(_DenseDataModule):
         image_size: images are resized (longest side) and padded to ``image_size``² (train: random scale + crop).
         min_visibility: training crops drop boxes keeping less than this fraction of their area.
     """
+
+    collate = staticmethod(detection_collate)
 
     def __init__(
         self,
@@ -478,14 +485,3 @@ class DetectionDataModule(_DenseDataModule):
         train_tf, eval_tf = detection_transforms(hp.image_size, hp.scale_range, hp.flip_prob, hp.min_visibility)
         self.train_set = _Transformed(train, train_tf, "detection", self.num_classes)
         self.val_set = _Transformed(val, eval_tf, "detection", self.num_classes)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, True, self.hparams.batch_size, detection_collate)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(
-            self.val_set, False, self.hparams.val_batch_size or self.hparams.batch_size, detection_collate
-        )
-
-    def test_dataloader(self) -> DataLoader:
-        return self.val_dataloader()
