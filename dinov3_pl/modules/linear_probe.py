@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -11,7 +10,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
-from dinov3_pl.modules.frozen import FeatureType, FrozenBackboneModule
+from dinov3_pl.modules.frozen import FeatureType, FrozenBackboneModule, lr_factor
 
 __all__ = ["DEFAULT_LEARNING_RATES", "LinearProbe"]
 
@@ -251,14 +250,7 @@ class LinearProbe(FrozenBackboneModule):
             optimizer = torch.optim.AdamW(groups)
         total = self.hparams.max_steps or int(self.trainer.estimated_stepping_batches)
         warmup = self.hparams.warmup_steps
-
-        def factor(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            progress = min(1.0, (step - warmup) / max(1, total - warmup))
-            return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total, warmup, "cosine"))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def setup(self, stage: str) -> None:
