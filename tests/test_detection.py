@@ -14,6 +14,7 @@ from torch.nn import functional as F
 from dinov3_pl.data.dense import DetectionDataModule
 from dinov3_pl.models.dense_heads import SimpleFeaturePyramid
 from dinov3_pl.modules.detection import Detection, detection_overlay
+from tests.helpers import fit_one_epoch, logged_image_tags, run_cli
 
 TINY = {"depth": 2, "embed_dim": 32, "num_heads": 2, "patch_size": 8, "img_size": 32}
 SMALL_HEADS = {
@@ -121,17 +122,7 @@ def test_fit_keeps_backbone_bit_identical_and_logs(tmp_path):
     backbone_before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
     pyramid_before = [p.detach().clone() for p in model.detector.backbone.pyramid.parameters()]
     data = DetectionDataModule("synthetic", image_size=32, batch_size=4, num_train=8, num_val=4)
-    logger = L.pytorch.loggers.TensorBoardLogger(tmp_path, name="det")
-    trainer = L.Trainer(
-        max_epochs=1,
-        accelerator="cpu",
-        logger=logger,
-        callbacks=[_BackboneModeProbe()],
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    trainer.fit(model, data)
+    trainer, logger = fit_one_epoch(model, data, tmp_path, "det", callbacks=[_BackboneModeProbe()])
     for key, value in model.backbone.state_dict().items():
         assert torch.equal(value, backbone_before[key]), f"backbone changed: {key}"
     assert any(
@@ -139,16 +130,7 @@ def test_fit_keeps_backbone_bit_identical_and_logs(tmp_path):
     )
     metrics = trainer.callback_metrics
     assert math.isfinite(metrics["train/loss"]) and 0.0 <= metrics["val/mAP"] <= 1.0 and "val/mAP50" in metrics
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    assert "val/detection" in EventAccumulator(logger.log_dir).Reload().Tags()["images"]
-
-
-def run_cli(args: list[str]):
-    """The project's CLI (dinov3_pl.cli); without a subcommand it only instantiates model and DataModule."""
-    from dinov3_pl.cli import DINOv3CLI
-
-    return DINOv3CLI(args=args, run=args[0] == "fit")
+    assert "val/detection" in logged_image_tags(logger)
 
 
 def test_synthetic_config_runs_through_the_cli(tmp_path):

@@ -15,6 +15,7 @@ from dinov3_pl.data.dense import SegmentationDataModule
 from dinov3_pl.models.dense_heads import LinearSegmentationHead, sliding_window_logits
 from dinov3_pl.modules.frozen import lr_factor
 from dinov3_pl.modules.segmentation import Segmentation, colour_palette, segmentation_overlay
+from tests.helpers import fit_one_epoch, logged_image_tags, run_cli
 
 TINY = {"depth": 2, "embed_dim": 32, "num_heads": 2, "patch_size": 8, "img_size": 32}
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "eval"
@@ -98,33 +99,13 @@ def test_fit_trains_head_only_and_logs_overlays(tmp_path):
     backbone_before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
     head_before = model.head.classifier.weight.detach().clone()
     data = SegmentationDataModule("synthetic", image_size=32, batch_size=8, num_train=16, num_val=8)
-    logger = L.pytorch.loggers.TensorBoardLogger(tmp_path, name="seg")
-    trainer = L.Trainer(
-        max_epochs=1,
-        accelerator="cpu",
-        logger=logger,
-        callbacks=[_BackboneModeProbe()],
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    trainer.fit(model, data)
+    trainer, logger = fit_one_epoch(model, data, tmp_path, "seg", callbacks=[_BackboneModeProbe()])
     for key, value in model.backbone.state_dict().items():
         assert torch.equal(value, backbone_before[key]), f"backbone changed: {key}"
     assert not torch.equal(model.head.classifier.weight, head_before)
     metrics = trainer.callback_metrics
     assert 0.0 <= metrics["val/mIoU"] <= 1.0 and math.isfinite(metrics["train/loss"])
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(Path(logger.log_dir))).Reload()
-    assert "val/segmentation" in events.Tags()["images"]
-
-
-def run_cli(args: list[str]):
-    """The project's CLI (dinov3_pl.cli); without a subcommand it only instantiates model and DataModule."""
-    from dinov3_pl.cli import DINOv3CLI
-
-    return DINOv3CLI(args=args, run=args[0] == "fit")
+    assert "val/segmentation" in logged_image_tags(logger)
 
 
 def test_synthetic_config_runs_through_the_cli(tmp_path):

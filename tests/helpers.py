@@ -1,0 +1,46 @@
+"""Helpers shared by the dense-head tests: a one-epoch CPU fit logging to TensorBoard, the image tags it logged,
+and the project's CLI."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.loggers import TensorBoardLogger
+
+
+def fit_one_epoch(
+    model: L.LightningModule,
+    data: L.LightningDataModule,
+    log_dir: Path,
+    name: str,
+    callbacks: Sequence[L.Callback] = (),
+) -> tuple[L.Trainer, TensorBoardLogger]:
+    """Fits ``model`` on ``data`` for one epoch on the CPU, logging to TensorBoard under ``log_dir/name``."""
+    logger = TensorBoardLogger(log_dir, name=name)
+    trainer = L.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        logger=logger,
+        callbacks=list(callbacks),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(model, data)
+    return trainer, logger
+
+
+def logged_image_tags(logger: TensorBoardLogger) -> list[str]:
+    """Tags of the images written to ``logger``'s event files."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    return EventAccumulator(str(logger.log_dir)).Reload().Tags()["images"]
+
+
+def run_cli(args: list[str]):
+    """The project's CLI (dinov3_pl.cli); without a subcommand it only instantiates model and DataModule."""
+    from dinov3_pl.cli import DINOv3CLI
+
+    return DINOv3CLI(args=args, run=args[0] == "fit")
