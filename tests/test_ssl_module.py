@@ -79,7 +79,8 @@ def test_ema_update_is_the_momentum_average():
             p.add_(torch.randn_like(p))
     teacher_before = [p.clone() for p in module.teacher.parameters()]
     module._update_teacher(0.9)
-    for before, student, after in zip(teacher_before, module.student.parameters(), module.teacher.parameters()):
+    pairs = zip(teacher_before, module.student.parameters(), module.teacher.parameters(), strict=True)
+    for before, student, after in pairs:
         torch.testing.assert_close(after, 0.9 * before + 0.1 * student)
 
 
