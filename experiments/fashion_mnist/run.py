@@ -592,7 +592,9 @@ def render_figures(tb_root: Path, name: str, figures_dir: Path) -> list[Path]:
         chosen = [(image, title) for image, title, tag in images if tag in keep]
         if not chosen:
             continue
-        figure, axes = plt.subplots(len(chosen), 1, figsize=(8, 2.2 * len(chosen) if group == "pca" else 5.5))
+        # PCA strips stack vertically; the tall seg/det overlay grids sit side by side.
+        shape, size = ((len(chosen), 1), (8, 2.2 * len(chosen))) if group == "pca" else ((1, len(chosen)), (8, 5.5))
+        figure, axes = plt.subplots(*shape, figsize=size)
         for axis, (image, title) in zip(np.atleast_1d(axes), chosen, strict=True):
             axis.imshow(image)
             axis.set_title(title, fontsize=9)
