@@ -143,9 +143,9 @@ def _ddp_worker(rank: int, world_size: int, init_file: str, result_file: str) ->
 def test_ddp_step_without_masks_has_no_unused_parameters(tmp_path):
     result = tmp_path / "rank0.pt"
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    # fork: the children inherit the imported modules, which saves seconds of start-up per process.
+    # spawn, not fork: forking a process with live threads (OpenMP, zmq from other tests) can deadlock.
     mp.start_processes(
-        _ddp_worker, args=(2, str(tmp_path / "rendezvous"), str(result)), nprocs=2, join=True, start_method="fork"
+        _ddp_worker, args=(2, str(tmp_path / "rendezvous"), str(result)), nprocs=2, join=True, start_method="spawn"
     )
     trained = torch.load(result, weights_only=True)
     initial = tiny().state_dict()

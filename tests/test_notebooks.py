@@ -46,7 +46,12 @@ def run_notebook(name: str, parameters: dict, kernel_dir: Path, timeout: int = 1
         kernel_name="dinov3pl-test", kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(kernel_dir)])
     )
     client = NotebookClient(notebook, km=manager, timeout=timeout, resources={"metadata": {"path": str(NOTEBOOKS)}})
-    client.execute()  # raises CellExecutionError (with the traceback) if a cell fails
+    try:
+        client.execute()  # raises CellExecutionError (with the traceback) if a cell fails
+    finally:
+        # A kernel left running keeps zmq threads in this process, and a later fork-based test can deadlock.
+        if manager.has_kernel:
+            manager.shutdown_kernel(now=True)
     return notebook
 
 

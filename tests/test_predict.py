@@ -135,7 +135,7 @@ def test_two_process_prediction_writes_each_image_once(tmp_path, weights):
     module = FeatureExtractor("vit_small_patch16_dinov3", str(weights), BACKBONE, output)
     data = ImageFolderPredictDataModule(tmp_path / "images", image_size=32, patch_size=8, batch_size=2, num_workers=0)
     trainer = L.Trainer(
-        accelerator="cpu", devices=2, strategy="ddp_fork", logger=False, enable_progress_bar=False,
+        accelerator="cpu", devices=2, strategy="ddp_spawn", logger=False, enable_progress_bar=False,
         enable_checkpointing=False, enable_model_summary=False,
     )  # fmt: skip
     trainer.predict(module, datamodule=data, return_predictions=False)

@@ -110,7 +110,7 @@ class Detection(FrozenBackboneModule):
     def __init__(
         self,
         num_classes: int,
-        arch: str = "vit_small_patch16_dinov3",
+        arch: str | None = "vit_small_patch16_dinov3",
         weights: str | None = None,
         backbone_kwargs: dict | None = None,
         min_size: int | None = None,
