@@ -36,9 +36,14 @@ class DINOv3CLI(LightningCLI):
 
 
 def main(args: list[str] | None = None) -> DINOv3CLI:
-    """Console entry point; ``args`` lets tests and notebooks drive the CLI in-process."""
+    """Runs the CLI in-process (``args`` as on the command line) and returns it, for tests and notebooks."""
     return DINOv3CLI(args=args)
 
 
-if __name__ == "__main__":
+def console_main() -> None:
+    """The ``dinov3-pl`` console script: exit status 0 on success (a returned object would become status 1)."""
     main()
+
+
+if __name__ == "__main__":
+    console_main()

@@ -31,3 +31,15 @@ def test_gram_anchoring_overlays_a_pretraining_recipe(capsys):
         )
     printed = capsys.readouterr().out
     assert "enabled: true" in printed and "gram_size: 512" in printed
+
+
+def test_console_script_exits_zero_after_a_successful_run(monkeypatch):
+    """`sys.exit(entry_point())` turns a returned object into exit status 1: the script must return None."""
+    from importlib.metadata import entry_points
+
+    import dinov3_pl.cli as cli
+
+    (script,) = [ep for ep in entry_points(group="console_scripts") if ep.name == "dinov3-pl"]
+    assert script.value == "dinov3_pl.cli:console_main"
+    monkeypatch.setattr(cli, "main", lambda args=None: object())
+    assert cli.console_main() is None
