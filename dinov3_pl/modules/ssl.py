@@ -345,11 +345,9 @@ class DINOSSLModule(L.LightningModule):
         if gradient_clip_val is not None:  # Trainer(gradient_clip_val=...) asks for the global-norm clip
             self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
             return
-        if self.optim_config.clip_per_module:
-            norms = clip_grad_norm_per_module(self.student, self.optim_config.clip_grad)
-        else:
-            total = clip_grad_norm_per_module({"all": self.student}, self.optim_config.clip_grad)
-            norms = total
+        # Upstream clips backbone and heads one by one; the option clips the student's global norm instead.
+        groups = self.student if self.optim_config.clip_per_module else {"all": self.student}
+        norms = clip_grad_norm_per_module(groups, self.optim_config.clip_grad)
         self.log_dict({f"grad_norm/{k}": v for k, v in norms.items()}, rank_zero_only=True)
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
