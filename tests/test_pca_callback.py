@@ -43,3 +43,18 @@ def test_callback_logs_pca_image_to_tensorboard(tmp_path):
     assert "pca_patch_features" in events.Tags()["images"]
     image = events.Images("pca_patch_features")[-1]
     assert image.width > 4 * 16 and image.height > 2 * 16  # 4 images over their 4 PCA maps
+
+
+def test_callback_shows_images_with_the_datamodules_normalisation():
+    class FakeTrainer:
+        datamodule = tiny_data()
+
+    callback = PCAFeatureMaps()
+    FakeTrainer.datamodule.hparams["mean"], FakeTrainer.datamodule.hparams["std"] = (0.5, 0.5, 0.5), (0.25,) * 3
+    mean, std = callback._normalisation(FakeTrainer())
+    assert torch.equal(mean.flatten(), torch.full((3,), 0.5)) and torch.equal(std.flatten(), torch.full((3,), 0.25))
+    # An explicit mean/std wins; no DataModule means ImageNet's statistics.
+    mean, _ = PCAFeatureMaps(mean=(0.1, 0.2, 0.3), std=(1.0, 1.0, 1.0))._normalisation(FakeTrainer())
+    assert torch.allclose(mean.flatten(), torch.tensor([0.1, 0.2, 0.3]))
+    mean, std = PCAFeatureMaps()._normalisation(object())
+    assert torch.allclose(mean.flatten(), torch.tensor([0.485, 0.456, 0.406]))

@@ -13,10 +13,9 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 from torchvision.utils import make_grid
 
-__all__ = ["PCAFeatureMaps", "pca_rgb"]
+from dinov3_pl.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+__all__ = ["PCAFeatureMaps", "pca_rgb"]
 
 
 def pca_rgb(patch_features: Tensor, grid_hw: tuple[int, int]) -> Tensor:
@@ -39,13 +38,29 @@ class PCAFeatureMaps(L.Callback):
 
     Works with any LightningModule that has an ``eval_backbone`` (the EMA teacher of ``DINOSSLModule``) or a
     ``backbone`` (the frozen backbone of the evaluation modules), a ``DINOv3Backbone`` either way.
+    The images are shown un-normalised with ``mean``/``std``; ``None`` takes the DataModule's ``mean``/``std``
+    hyper-parameters (ImageNet's when it has none).
     """
 
-    def __init__(self, every_n_epochs: int = 1, num_images: int = 8, tag: str = "pca_patch_features") -> None:
+    def __init__(
+        self,
+        every_n_epochs: int = 1,
+        num_images: int = 8,
+        tag: str = "pca_patch_features",
+        mean: tuple[float, float, float] | None = None,
+        std: tuple[float, float, float] | None = None,
+    ) -> None:
         self.every_n_epochs = every_n_epochs
         self.num_images = num_images
         self.tag = tag
+        self.mean, self.std = mean, std
         self._images: Tensor | None = None
+
+    def _normalisation(self, trainer: L.Trainer) -> tuple[Tensor, Tensor]:
+        hparams = getattr(getattr(trainer, "datamodule", None), "hparams", {})
+        mean = self.mean if self.mean is not None else hparams.get("mean", IMAGENET_MEAN)
+        std = self.std if self.std is not None else hparams.get("std", IMAGENET_STD)
+        return torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
         if self._images is None and isinstance(batch, dict):
@@ -72,8 +87,7 @@ class PCAFeatureMaps(L.Callback):
         backbone.train(was_training)
         grid_hw = (images.shape[-2] // backbone.patch_size, images.shape[-1] // backbone.patch_size)
         maps = torch.nn.functional.interpolate(pca_rgb(patch, grid_hw), size=images.shape[-2:], mode="nearest")
-        mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
-        shown = (images * std + mean).clamp(0, 1)
+        mean, std = self._normalisation(trainer)
+        shown = (images * std.to(images.device) + mean.to(images.device)).clamp(0, 1)
         panel = make_grid(torch.cat([shown, maps]).cpu(), nrow=len(images), padding=2)
         logger.experiment.add_image(self.tag, panel, global_step=trainer.global_step)
