@@ -87,6 +87,39 @@ def test_synthetic_shapes_classes_balanced_and_shape_not_colour():
     assert np.all((colours > 60) & (colours < 195))
 
 
+def test_synthetic_shapes_surface_patterns_cover_half_of_every_shape():
+    # Each class's two-tone pattern lights about half of the unit disc whatever its phase, so the mean brightness
+    # of a shape does not give its class away.
+    from dinov3_pl.data.datasets import SHAPE_PATTERN_NAMES, _surface_pattern
+
+    grid = np.linspace(-1, 1, 201)
+    u, v = np.meshgrid(grid, grid)
+    disc = u * u + v * v <= 1
+    assert len(SHAPE_PATTERN_NAMES) == SyntheticShapes.num_classes
+    for shape_class in range(SyntheticShapes.num_classes):
+        for phase in (0.0, 1.0, 2.5):
+            lit = _surface_pattern(shape_class, u[disc], v[disc], phase).mean()
+            assert 0.4 < lit < 0.62, (SHAPE_PATTERN_NAMES[shape_class], phase, lit)
+    with pytest.raises(ValueError, match="unknown shape"):
+        _surface_pattern(8, u, v, 0.0)
+
+
+def test_synthetic_shapes_grey_by_default_with_visible_shapes():
+    grey, colour = SyntheticShapes(24, 48, seed=0), SyntheticShapes(24, 48, seed=0, grayscale=False)
+    for index in range(len(grey)):
+        image, mask = grey[index]["image"], grey[index]["mask"]
+        assert (image == image[:, :, :1]).all()  # three equal channels
+        np.testing.assert_array_equal(mask, colour[index]["mask"])  # same layout, only the rendering differs
+        # The main shape stands out from the background in grey levels (its lit tone at least).
+        main, background = mask == grey[index]["label"] + 1, mask == 0
+        lit = np.percentile(image[main][:, 0], 90)
+        assert (
+            abs(float(lit) - float(np.median(image[background][:, 0]))) > 20
+            or abs(float(np.percentile(image[main][:, 0], 10)) - float(np.median(image[background][:, 0]))) > 20
+        )
+    assert any((colour[i]["image"] != colour[i]["image"][:, :, :1]).any() for i in range(4))
+
+
 def test_synthetic_shapes_bad_arguments():
     with pytest.raises(ValueError, match="num_samples"):
         SyntheticShapes(num_samples=0)
