@@ -6,4 +6,4 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
 rm -rf runs/demo/checkpoints
 .venv/bin/dinov3-pl fit --config configs/pretrain/demo_cpu.yaml "$@"
-.venv/bin/python experiments/demo/compare_knn.py --checkpoint runs/demo/checkpoints/last.ckpt
+.venv/bin/python experiments/demo/compare_eval.py --checkpoint runs/demo/checkpoints/last.ckpt
