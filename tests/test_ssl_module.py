@@ -111,6 +111,23 @@ def test_schedules_reach_the_optimizer_groups():
     assert module.lr_schedule(9) == pytest.approx(1e-3)  # end of warm-up
 
 
+def test_fused_adamw_option_steps_like_the_default_kernel():
+    torch.manual_seed(0)
+    settings = dict(total_steps=10, warmup_steps=0, freeze_last_layer_steps=0, lr_scaling="none")
+    plain = make_module(optim=OptimConfig(**settings))
+    fused = make_module(optim=OptimConfig(**settings, fused=True))
+    fused.load_state_dict(plain.state_dict())
+    optimizers = [plain.configure_optimizers(), fused.configure_optimizers()]
+    assert [o.defaults["fused"] for o in optimizers] == [None, True]
+    for module in (plain, fused):
+        for index, parameter in enumerate(module.student.parameters()):
+            parameter.grad = torch.full_like(parameter, 0.01 * (index % 7 - 3))
+    for optimizer in optimizers:
+        optimizer.step()
+    for a, b in zip(plain.student.parameters(), fused.student.parameters(), strict=True):
+        torch.testing.assert_close(a, b)
+
+
 def test_sqrt_lr_scaling_rule():
     module = make_module(build_schedules=False, optim=OptimConfig(total_steps=100, lr=1e-3, warmup_steps=0))
     module._global_batch_size = lambda: 256  # type: ignore[method-assign]

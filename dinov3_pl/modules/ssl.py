@@ -193,7 +193,9 @@ class DINOSSLModule(L.LightningModule):
             layer_decay=self.optim_config.layer_decay,
             patch_embed_lr_mult=self.optim_config.patch_embed_lr_mult,
         )
-        optimizer = torch.optim.AdamW(groups, lr=self.lr_schedule(0), betas=self.optim_config.betas)
+        optimizer = torch.optim.AdamW(
+            groups, lr=self.lr_schedule(0), betas=self.optim_config.betas, fused=self.optim_config.fused
+        )
         self._apply_schedules(optimizer, step=0)
         return optimizer
 

@@ -102,6 +102,7 @@ class OptimConfig:
     clip_grad: float | None = 3.0
     clip_per_module: bool = True  # upstream: backbone, DINO head and iBOT head clipped separately
     total_steps: int | None = None
+    fused: bool | None = None  # torch's fused AdamW kernel (CPU and CUDA); None keeps torch's default
 
 
 @dataclass

@@ -81,6 +81,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps-per-round", type=int, default=3)
     parser.add_argument("--compile", action="store_true", help="torch.compile the student and teacher backbones")
+    parser.add_argument("--fused", action="store_true", help="fused AdamW kernels (both steps)")
     args = parser.parse_args()
     device = torch.device(args.device)
     preset = dict(PRESETS[args.preset or ("vits16" if device.type == "cuda" else "cpu")])
@@ -92,12 +93,14 @@ def main() -> None:
         backbone=BackboneConfig(preset["arch"], timm_overrides=preset["overrides"], drop_path_rate=0.0),
         dino_head=head,
         ibot_head=head,
-        optim=OptimConfig(total_steps=10_000, lr_scaling="none", warmup_steps=0, freeze_last_layer_steps=0),
+        optim=OptimConfig(
+            total_steps=10_000, lr_scaling="none", warmup_steps=0, freeze_last_layer_steps=0, fused=args.fused or None
+        ),
     ).to(device)
     module._build_schedules()
     optimizer = module.configure_optimizers()
     backbone = module.student.backbone
-    bare_optimizer = torch.optim.AdamW(backbone.parameters(), lr=1e-4)
+    bare_optimizer = torch.optim.AdamW(backbone.parameters(), lr=1e-4, fused=args.fused or None)
     if args.compile:
         module.student.backbone.compile()
         module.teacher.backbone.compile()
@@ -152,6 +155,7 @@ def main() -> None:
         f"config: {preset['arch']} {preset['overrides']} batch {images}, 2x{preset['global_size']} + "
         f"{preset['num_local']}x{preset['local_size']} crops, heads {preset['prototypes']} prototypes"
         f"{', bf16 autocast' if device.type == 'cuda' else ', fp32'}{', compiled' if args.compile else ''}"
+        f"{', fused AdamW' if args.fused else ''}"
     )
     print(f"median of {args.rounds} rounds x {args.steps_per_round} steps")
     print(f"full DINOv3 step : {images / full:8.1f} images/s  ({full * 1000:.1f} ms/step)")
