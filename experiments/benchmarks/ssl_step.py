@@ -7,7 +7,8 @@ same process, alternating in rounds so that machine noise hits both alike:
   per-module gradient clipping, AdamW step and the EMA teacher update;
 - "bare backbone": the student backbone's forward on the global and local crops and a backward of the sum of its
   outputs, plus an AdamW step on the backbone alone.
-It prints images/s of each, their ratio (full / bare time), and on CUDA the peak memory and the model FLOP
+It prints images/s of each, their ratio (full / bare time), the share of the teacher's forward pass (which the bare
+step has no counterpart for), and on CUDA the peak memory and the model FLOP
 utilisation (MFU: FLOPs counted by ``torch.utils.flop_counter`` per step / time / the card's bf16 dense peak).
 
     python experiments/benchmarks/ssl_step.py                      # CPU, small ViT
@@ -127,6 +128,12 @@ def main() -> None:
         bare_optimizer.step()
         bare_optimizer.zero_grad(set_to_none=True)
 
+    mask_rows = batch["masks"].flatten().nonzero().squeeze(-1)
+
+    def teacher_step() -> None:  # the part of the full step a bare backbone step has no counterpart for
+        with autocast:
+            module._teacher_targets(batch["global_crops"], mask_rows, 0.07)
+
     def timed(step) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -141,11 +148,13 @@ def main() -> None:
     full_step(), bare_step()  # warm-up (allocations, compilation)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    full_times, bare_times = [], []
+    full_times, bare_times, teacher_times = [], [], []
     for _ in range(args.rounds):
         full_times.append(timed(full_step))
         bare_times.append(timed(bare_step))
+        teacher_times.append(timed(teacher_step))
     full, bare = statistics.median(full_times), statistics.median(bare_times)
+    teacher = statistics.median(teacher_times)
     images = preset["batch"]
     print(
         f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}; "
@@ -161,6 +170,11 @@ def main() -> None:
     print(f"full DINOv3 step : {images / full:8.1f} images/s  ({full * 1000:.1f} ms/step)")
     print(f"bare backbone f+b: {images / bare:8.1f} images/s  ({bare * 1000:.1f} ms/step)")
     print(f"ratio full/bare time: {full / bare:.2f}")
+    print(
+        f"of which the teacher forward (global crops + heads + Sinkhorn-Knopp): {teacher * 1000:.1f} ms/step "
+        f"= {teacher / bare:.2f} of a bare step; everything else (student heads, losses, EMA, clipping, head "
+        f"optimizer): {(full - bare - teacher) / bare:.2f}"
+    )
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device) / 2**30
         with FlopCounterMode(display=False) as counter:
