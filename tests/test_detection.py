@@ -101,6 +101,18 @@ def test_detection_module_wiring():
         Detection(num_classes=3, backbone_kwargs=TINY, min_size=32, **SMALL_HEADS)
 
 
+def test_detection_reads_the_requested_backbone_layers():
+    model = Detection(num_classes=3, backbone_kwargs=TINY, layers=[0, 1], **SMALL_HEADS).eval()
+    images = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        expected = torch.cat(model.backbone.get_intermediate_layers(images, n=[0, 1], reshape=True, norm=True), dim=1)
+        torch.testing.assert_close(model._patch_map(images), expected)
+    assert expected.shape[1] == 2 * TINY["embed_dim"]
+    assert model(images)[0]["boxes"].shape[-1] == 4  # the pyramid takes the wider input
+    with pytest.raises(ValueError, match="at least one block"):
+        Detection(num_classes=3, backbone_kwargs=TINY, layers=[], **SMALL_HEADS)
+
+
 def test_overlay_shape():
     targets = [{"boxes": torch.tensor([[2.0, 2.0, 10.0, 12.0]]), "labels": torch.tensor([1])}]
     predictions = [

@@ -97,6 +97,9 @@ class Detection(FrozenBackboneModule):
         min_size, max_size: torchvision's internal resize (short side to ``min_size``, long side at most
             ``max_size``). ``None`` (default) turns it off: images reach the backbone at the DataModule's size, so
             small images are not blown up to torchvision's 800 px default. Give both to resize on purpose.
+        layers: the backbone features the pyramid reads: the normed patch maps of the last ``n`` blocks (int) or of
+            these block indices, concatenated along channels. ViTDet reads the last block (1, the default);
+            upstream DINOv3's Plain-DETR detector reads four intermediate blocks.
         pyramid_channels, pyramid_strides, top_pool: the ``SimpleFeaturePyramid`` (ViTDet: 256, 4–32, pool).
         anchor_scale: anchor side = ``anchor_scale`` × level stride (torchvision's FPN default is 8; small images
             want smaller anchors); ``aspect_ratios`` per location.
@@ -115,6 +118,7 @@ class Detection(FrozenBackboneModule):
         backbone_kwargs: dict | None = None,
         min_size: int | None = None,
         max_size: int | None = None,
+        layers: int | list[int] = 1,
         pyramid_channels: int = 256,
         pyramid_strides: Sequence[int] = (4, 8, 16, 32),
         top_pool: bool = True,
@@ -144,7 +148,12 @@ class Detection(FrozenBackboneModule):
         if class_names is not None and len(class_names) != num_classes:
             raise ValueError(f"class_names has {len(class_names)} names for num_classes={num_classes}")
         self.num_classes = num_classes
-        pyramid = SimpleFeaturePyramid(self.embed_dim, self.patch_size, pyramid_channels, pyramid_strides, top_pool)
+        self.layers = layers if isinstance(layers, int) else list(layers)
+        num_layers = layers if isinstance(layers, int) else len(layers)
+        if num_layers < 1:
+            raise ValueError(f"layers must name at least one block, got {layers!r}")
+        in_channels = self.embed_dim * num_layers
+        pyramid = SimpleFeaturePyramid(in_channels, self.patch_size, pyramid_channels, pyramid_strides, top_pool)
         sizes = tuple((int(round(anchor_scale * stride)),) for stride in pyramid.output_strides)
         anchors = AnchorGenerator(sizes=sizes, aspect_ratios=(tuple(aspect_ratios),) * len(sizes))
         roi_pool = MultiScaleRoIAlign(featmap_names=pyramid.level_names, output_size=7, sampling_ratio=2)
@@ -189,7 +198,7 @@ class Detection(FrozenBackboneModule):
             return MeanAveragePrecision(box_format="xyxy", iou_type="bbox", backend="pycocotools")
 
     def _patch_map(self, images: Tensor) -> Tensor:
-        return self.patch_maps(images, 1)
+        return self.patch_maps(images, self.layers)
 
     # ------------------------------------------------------------------------------------ forward
     def forward(self, images: Tensor | Sequence[Tensor]) -> list[dict[str, Tensor]]:
