@@ -128,6 +128,12 @@ def test_fused_adamw_option_steps_like_the_default_kernel():
         torch.testing.assert_close(a, b)
 
 
+def test_losses_before_the_schedules_exist_give_a_clear_error():
+    module = make_module(build_schedules=False)
+    with pytest.raises(RuntimeError, match="schedules are not built"):
+        module.compute_losses(make_batch(), step=0)
+
+
 def test_sqrt_lr_scaling_rule():
     module = make_module(build_schedules=False, optim=OptimConfig(total_steps=100, lr=1e-3, warmup_steps=0))
     module._global_batch_size = lambda: 256  # type: ignore[method-assign]

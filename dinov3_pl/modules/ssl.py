@@ -245,6 +245,11 @@ class DINOSSLModule(L.LightningModule):
 
     def compute_losses(self, batch: dict, step: int) -> dict[str, Tensor]:
         """All loss terms of one batch and their weighted sum under ``"loss"`` (also used by tests/benchmarks)."""
+        if not hasattr(self, "teacher_temperature_schedule"):
+            raise RuntimeError(
+                "the schedules are not built yet: the Trainer builds them in configure_optimizers(); outside a "
+                "Trainer give optim.total_steps and optim.lr_scaling='none' and call module._build_schedules() first"
+            )
         global_crops: Tensor = batch["global_crops"]
         local_crops: Tensor | None = batch.get("local_crops")
         masks: Tensor = batch["masks"]
