@@ -6,6 +6,9 @@ import torch
 from dinov3_pl.cli import main as cli_main
 from tests.test_ssl_fit import cli_args
 
+# Spawned (not forked) processes: a fork after the notebook tests' zmq threads can deadlock the suite.
+TWO_CPU_PROCESSES = ("--trainer.devices=2", "--trainer.accelerator=cpu", "--trainer.strategy=ddp_spawn")
+
 
 class RanksAgree(L.Callback):
     """Checks, on every rank, that student and teacher weights are identical across the processes."""
@@ -26,9 +29,7 @@ def test_two_process_ddp_run_of_the_demo_recipe(tmp_path):
     cli = cli_main(
         [arg for arg in cli_args(tmp_path) if not arg.startswith("--trainer.callbacks")]
         + [
-            "--trainer.devices=2",
-            "--trainer.accelerator=cpu",
-            "--trainer.strategy=ddp_spawn",
+            *TWO_CPU_PROCESSES,
             "--trainer.callbacks+=tests.test_ssl_ddp.RanksAgree",
             "--data.init_args.num_samples=96",
             "--trainer.check_val_every_n_epoch=1",
@@ -47,9 +48,7 @@ def _ddp_fit(root, *extra: str) -> dict:
     cli_main(
         [arg for arg in cli_args(root) if not arg.startswith(fixed)]
         + [
-            "--trainer.devices=2",
-            "--trainer.accelerator=cpu",
-            "--trainer.strategy=ddp_spawn",
+            *TWO_CPU_PROCESSES,
             "--trainer.max_epochs=2",
             "--model.init_args.optim.total_steps=6",  # the same schedules whether interrupted or not
             "--data.init_args.num_samples=96",
