@@ -65,6 +65,29 @@ def test_map_with_one_of_two_objects_found():
     assert result["map"] == pytest.approx(51 / 101, abs=1e-6) and result["map_50"] == pytest.approx(51 / 101, abs=1e-6)
 
 
+def test_map_by_box_size_logged_for_the_sizes_present(monkeypatch):
+    torch.manual_seed(0)
+    module = Detection(num_classes=1, backbone_kwargs=TINY, **SMALL_HEADS)
+    # A small box (10x10 = 100 px^2) found exactly and a medium one (40x40) shifted by 8 px: IoU 32/48 = 0.667,
+    # a hit at 4 of the 10 IoU thresholds -> AP 0.4. No large box, so no mAP_large.
+    module.val_map.update(
+        [
+            {
+                "boxes": torch.tensor([[0.0, 0, 10, 10], [58, 50, 98, 90]]),
+                "scores": torch.tensor([0.9, 0.8]),
+                "labels": torch.zeros(2, dtype=torch.long),
+            }
+        ],
+        [{"boxes": torch.tensor([[0.0, 0, 10, 10], [50, 50, 90, 90]]), "labels": torch.zeros(2, dtype=torch.long)}],
+    )
+    logged = {}
+    monkeypatch.setattr(module, "log", lambda name, value, **kwargs: logged.__setitem__(name, float(value)))
+    module._log_epoch_metrics("val")
+    assert logged["val/mAP_small"] == pytest.approx(1.0) and logged["val/mAP_medium"] == pytest.approx(0.4)
+    # Overall: both hit at 4 thresholds (AP 1), only the higher-scored small one at 6 (AP 51/101, see above).
+    assert "val/mAP_large" not in logged and logged["val/mAP"] == pytest.approx((4 + 6 * 51 / 101) / 10)
+
+
 @pytest.mark.parametrize("patch_size", [16, 8])
 def test_simple_feature_pyramid_strides_and_shapes(patch_size):
     torch.manual_seed(0)

@@ -89,7 +89,8 @@ class Detection(FrozenBackboneModule):
     Only the pyramid, RPN and RoI heads train; the ViT stays frozen and in ``eval()``. Batches are
     ``{"images": [B,3,H,W] (ImageNet-normalised), "targets": [{"boxes": xyxy pixels, "labels": 0..C-1}]}``
     (``DetectionDataModule``); torchvision's background class is added internally (``num_classes + 1``) and
-    predictions come back with labels 0..C-1. Metrics: COCO mAP@[.5:.95], mAP50, mAP75 (torchmetrics
+    predictions come back with labels 0..C-1. Metrics: COCO mAP@[.5:.95], mAP50, mAP75, mAR100 and mAP by box
+    size (``mAP_small`` / ``_medium`` / ``_large``, logged for the sizes present) (torchmetrics
     ``MeanAveragePrecision``, ``faster_coco_eval`` backend, falling back to ``pycocotools``).
 
     Args:
@@ -242,6 +243,10 @@ class Detection(FrozenBackboneModule):
         self.log(f"{stage}/mAP50", results["map_50"], prog_bar=True, sync_dist=True)
         self.log(f"{stage}/mAP75", results["map_75"], sync_dist=True)
         self.log(f"{stage}/mAR100", results["mar_100"], sync_dist=True)
+        # COCO's split by box area (small < 32^2 <= medium < 96^2 <= large px^2); -1 means no box of that size.
+        for size in ("small", "medium", "large"):
+            if results[f"map_{size}"] >= 0:
+                self.log(f"{stage}/mAP_{size}", results[f"map_{size}"], sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
         self._log_epoch_metrics("val")
