@@ -8,10 +8,12 @@ once with a random-init backbone of the same architecture, and the script prints
   [CLS, mean patch] only (its CLS tokens are almost identical for every image);
 - ``linear`` (``fit``, linear_synthetic.yaml): the 13-LR grid of linear heads on [CLS, mean patch], best head;
 - ``segmentation`` (``fit``, segmentation_synthetic.yaml): BN + 1x1 conv on the last patch tokens, mIoU;
-- ``detection`` (``fit``, detection_synthetic.yaml): simple feature pyramid + Faster R-CNN, mAP and mAP50.
+- ``detection`` (``fit``, detection_synthetic.yaml): simple feature pyramid + Faster R-CNN, mAP, mAP50, mAP75 and
+  mAP of small boxes (the distractor shapes).
 
     python experiments/demo/compare_eval.py --checkpoint runs/demo/checkpoints/last.ckpt            # kNN only
-    python experiments/demo/compare_eval.py --tasks knn linear segmentation detection              # ~15 min CPU
+    python experiments/demo/compare_eval.py --tasks knn linear segmentation detection              # ~25 min CPU
+    python experiments/demo/compare_eval.py --tasks detection --override=--seed_everything=1        # another seed
 """
 
 from __future__ import annotations
@@ -34,7 +36,11 @@ TASKS: dict[str, tuple[str, str, list[tuple[str, str]]]] = {
     ),
     "linear": ("fit", "configs/eval/linear_synthetic.yaml", [("linear/top1", "top-1"), ("linear/top5", "top-5")]),
     "segmentation": ("fit", "configs/eval/segmentation_synthetic.yaml", [("val/mIoU", "mIoU")]),
-    "detection": ("fit", "configs/eval/detection_synthetic.yaml", [("val/mAP", "mAP"), ("val/mAP50", "mAP50")]),
+    "detection": (
+        "fit",
+        "configs/eval/detection_synthetic.yaml",
+        [("val/mAP", "mAP"), ("val/mAP50", "mAP50"), ("val/mAP75", "mAP75"), ("val/mAP_small", "mAP small")],
+    ),
 }
 
 
@@ -54,6 +60,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", default="runs/demo/checkpoints/last.ckpt")
     parser.add_argument("--tasks", nargs="+", choices=sorted(TASKS), default=["knn"])
+    parser.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        help="a CLI argument added to every run, e.g. --override=--seed_everything=1",
+    )
     args = parser.parse_args()
     record = torch.load(args.checkpoint, map_location="cpu", weights_only=True)["backbone_config"]
     pretrained = [
@@ -68,16 +80,24 @@ def main() -> None:
     rows: list[tuple[str, str, dict[str, float]]] = []
     with tempfile.TemporaryDirectory() as root:
         for task in args.tasks:
-            if task == "knn":
-                cls, both = "--model.init_args.feature_type=cls", "--model.init_args.feature_type=cls_meanpatch"
-                rows.append((task, "pretrained teacher, CLS", run_task(task, root, *pretrained, cls)))
-                rows.append((task, "pretrained teacher, [CLS, mean patch]", run_task(task, root, *pretrained, both)))
-                rows.append((task, "random init, [CLS, mean patch]", run_task(task, root, *random_init, both)))
-            else:
-                rows.append((task, "pretrained teacher", run_task(task, root, *pretrained)))
-                rows.append((task, "random init", run_task(task, root, *random_init)))
+            variants = (  # (row name, backbone arguments)
+                [
+                    ("pretrained teacher, CLS", [*pretrained, "--model.init_args.feature_type=cls"]),
+                    (
+                        "pretrained teacher, [CLS, mean patch]",
+                        [*pretrained, "--model.init_args.feature_type=cls_meanpatch"],
+                    ),
+                    ("random init, [CLS, mean patch]", [*random_init, "--model.init_args.feature_type=cls_meanpatch"]),
+                ]
+                if task == "knn"
+                else [("pretrained teacher", pretrained), ("random init", random_init)]
+            )
+            for name, backbone in variants:
+                rows.append((task, name, run_task(task, root, *backbone, *args.override)))
 
     print(f"\nSyntheticShapes (8 classes, chance 12.5%), checkpoint {args.checkpoint}")
+    if args.override:
+        print(f"overrides: {' '.join(args.override)}")
     for task in args.tasks:
         metrics = TASKS[task][2]
         print(f"\n{task} ({TASKS[task][1]})")
