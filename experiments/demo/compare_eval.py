@@ -21,7 +21,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import sys
 import tempfile
+from unittest import mock
 
 import torch
 
@@ -51,7 +53,9 @@ def run_task(task: str, root: str, *overrides: str) -> dict[str, float]:
     if subcommand == "fit":  # keep the heads' checkpoints out of the working tree, one folder per run
         run_root = tempfile.mkdtemp(prefix=f"{task}_", dir=root)
         args += [f"--trainer.default_root_dir={run_root}", f"--checkpoint.dirpath={run_root}/checkpoints"]
-    with contextlib.redirect_stdout(io.StringIO()):  # keep Lightning's per-run tables out of the summary
+    # Lightning's per-run tables stay out of the summary; this script's own argv is not the CLI's (LightningCLI
+    # warns when it sees both).
+    with contextlib.redirect_stdout(io.StringIO()), mock.patch.object(sys, "argv", sys.argv[:1]):
         cli = cli_main([*args, *overrides])
     return {key: float(value) for key, value in cli.trainer.callback_metrics.items()}
 
