@@ -12,7 +12,7 @@ once with a random-init backbone of the same architecture, and the script prints
   mAP of small boxes (the distractor shapes).
 
     python experiments/demo/compare_eval.py --checkpoint runs/demo/checkpoints/last.ckpt            # kNN only
-    python experiments/demo/compare_eval.py --tasks knn linear segmentation detection              # ~25 min CPU
+    python experiments/demo/compare_eval.py --tasks knn linear segmentation detection              # ~18 min CPU
     python experiments/demo/compare_eval.py --tasks detection --override=--seed_everything=1        # another seed
 """
 
