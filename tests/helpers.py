@@ -1,5 +1,5 @@
-"""Helpers shared by the dense-head tests: a one-epoch CPU fit logging to TensorBoard, the image tags it logged,
-and the project's CLI."""
+"""Helpers shared by the tests: a one-epoch CPU fit logging to TensorBoard, the image tags it logged, the project's
+CLI, and a tiny dinov3-pl pretraining checkpoint."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
+import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
 
@@ -44,3 +45,18 @@ def run_cli(args: list[str]):
     from dinov3_pl.cli import DINOv3CLI
 
     return DINOv3CLI(args=args, run=args[0] == "fit")
+
+
+def save_tiny_ssl_checkpoint(path: Path, timm_overrides: dict, arch: str = "vit_small_patch16_dinov3") -> Path:
+    """A seeded random teacher saved the way ``DINOSSLModule`` checkpoints it: the EMA teacher's backbone under
+    ``teacher.backbone.*`` and the architecture under ``backbone_config`` (all that evaluation reads)."""
+    from dinov3_pl.models.backbone import DINOv3Backbone
+
+    torch.manual_seed(0)
+    teacher = DINOv3Backbone(arch, **timm_overrides)
+    checkpoint = {
+        "state_dict": {f"teacher.backbone.{key}": value for key, value in teacher.state_dict().items()},
+        "backbone_config": {"arch": arch, "timm_overrides": timm_overrides},
+    }
+    torch.save(checkpoint, path)
+    return path

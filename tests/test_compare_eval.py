@@ -8,9 +8,7 @@ import re
 import sys
 from pathlib import Path
 
-import torch
-
-from dinov3_pl.models.backbone import DINOv3Backbone
+from tests.helpers import save_tiny_ssl_checkpoint
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY = {"depth": 1, "embed_dim": 32, "num_heads": 2, "patch_size": 8, "img_size": 32}
@@ -20,16 +18,7 @@ def test_knn_table_for_the_checkpoint_and_random_init_with_overrides(tmp_path, m
     spec = importlib.util.spec_from_file_location("compare_eval", REPO_ROOT / "experiments/demo/compare_eval.py")
     compare_eval = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(compare_eval)
-    torch.manual_seed(0)
-    teacher = DINOv3Backbone("vit_small_patch16_dinov3", **TINY)
-    checkpoint = tmp_path / "tiny.ckpt"
-    torch.save(
-        {
-            "state_dict": {f"teacher.backbone.{key}": value for key, value in teacher.state_dict().items()},
-            "backbone_config": {"arch": "vit_small_patch16_dinov3", "timm_overrides": TINY},
-        },
-        checkpoint,
-    )
+    checkpoint = save_tiny_ssl_checkpoint(tmp_path / "tiny.ckpt", TINY)
     monkeypatch.chdir(REPO_ROOT)  # the task configs are repository paths
     overrides = [
         "--override=--data.init_args.synthetic_train_samples=64",

@@ -13,6 +13,7 @@ import torch
 from nbclient import NotebookClient
 
 from dinov3_pl import viz
+from tests.helpers import save_tiny_ssl_checkpoint
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 TINY_BACKBONE = {"depth": 2, "embed_dim": 64, "num_heads": 2, "patch_size": 8}
@@ -82,15 +83,7 @@ def test_committed_notebooks_have_no_outputs():
 
 def test_quickstart_runs_from_a_tiny_dinov3_pl_checkpoint(kernel_dir, tmp_path):
     # The path the notebook documents for own checkpoints: WEIGHTS = a .ckpt, ARCH = None (read from the ckpt).
-    from dinov3_pl.models.backbone import DINOv3Backbone
-
-    torch.manual_seed(0)
-    teacher = DINOv3Backbone("vit_small_patch16_dinov3", **TINY_BACKBONE)
-    checkpoint = {
-        "state_dict": {f"teacher.backbone.{key}": value for key, value in teacher.state_dict().items()},
-        "backbone_config": {"arch": "vit_small_patch16_dinov3", "timm_overrides": TINY_BACKBONE},
-    }
-    torch.save(checkpoint, tmp_path / "tiny.ckpt")
+    save_tiny_ssl_checkpoint(tmp_path / "tiny.ckpt", TINY_BACKBONE)
     notebook = run_notebook(
         "quickstart.ipynb",
         {"WEIGHTS": str(tmp_path / "tiny.ckpt"), "ARCH": None, "IMAGE_SIZE": 64, "NUM_SHAPES": 8, "TOP_K": 3},
