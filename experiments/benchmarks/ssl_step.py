@@ -54,6 +54,7 @@ PRESETS = {
         bottleneck=256,
     ),
 }
+STEP = 100  # the schedules' step both timed steps use (past warm-up)
 BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
 
@@ -112,7 +113,7 @@ def main() -> None:
 
     def full_step() -> None:
         with autocast:
-            loss = module.compute_losses(batch, step=100)["loss"]
+            loss = module.compute_losses(batch, step=STEP)["loss"]
         loss.backward()
         clip_grad_norm_per_module(module.student, 3.0)
         optimizer.step()
@@ -128,11 +129,11 @@ def main() -> None:
         bare_optimizer.step()
         bare_optimizer.zero_grad(set_to_none=True)
 
-    mask_rows = batch["masks"].flatten().nonzero().squeeze(-1)
+    mask_rows = batch["masks"].flatten().nonzero().squeeze(-1)  # as compute_losses selects them
 
     def teacher_step() -> None:  # the part of the full step a bare backbone step has no counterpart for
         with autocast:
-            module._teacher_targets(batch["global_crops"], mask_rows, 0.07)
+            module._teacher_targets(batch["global_crops"], mask_rows, module.teacher_temperature_schedule(STEP))
 
     def timed(step) -> float:
         if device.type == "cuda":
