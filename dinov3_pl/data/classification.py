@@ -2,7 +2,8 @@
 
 Batches are ``{"images": float [B, 3, S, S], "labels": long [B], "indices": long [B], "num_bad_images": int}``;
 ``indices`` are positions in the split (used by the eval feature cache). With ``knn_mode=True`` the val and test
-loaders come as ``[bank, queries]``: the train split with the eval transform, then the evaluation split.
+loaders come as ``[bank, queries]``: the train split with the eval transform, then the evaluation split. Under DDP
+every val/test loader (bank included) is split over the ranks by ``ShardedEvalSampler``: each sample once, no padding.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from dinov3_pl.data.samplers import ShardedEvalSampler
 from dinov3_pl.data.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform
 
 __all__ = ["ClassificationDataModule", "classification_collate", "eval_transform", "train_transform"]
@@ -227,10 +229,14 @@ class ClassificationDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------------------------ loaders
     def _loader(self, name: str, shuffle: bool) -> DataLoader:
+        dataset = self.split(name)
+        # Evaluation loaders shard over DDP ranks without padding duplicates (Lightning keeps this sampler); the
+        # train loader is left to Lightning's DistributedSampler, where padding only repeats a few training samples.
         return DataLoader(
-            self.split(name),
+            dataset,
             batch_size=self.hparams.batch_size,
             shuffle=shuffle,
+            sampler=None if shuffle else ShardedEvalSampler(dataset),
             num_workers=self.hparams.num_workers,
             collate_fn=classification_collate,
             persistent_workers=self.hparams.num_workers > 0,

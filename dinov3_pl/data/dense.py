@@ -27,6 +27,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from dinov3_pl.data.datasets import FashionMNIST, SyntheticShapes
+from dinov3_pl.data.samplers import ShardedEvalSampler
 
 __all__ = [
     "IGNORE_INDEX",
@@ -317,10 +318,12 @@ class _DenseDataModule(pl.LightningDataModule):
         return self.val_dataloader()
 
     def _loader(self, dataset: Dataset, shuffle: bool, batch_size: int) -> DataLoader:
+        # Evaluation loaders shard over DDP ranks without padding duplicates (mIoU / mAP count each image once).
         return DataLoader(
             dataset,
             batch_size=batch_size,
             shuffle=shuffle,
+            sampler=None if shuffle else ShardedEvalSampler(dataset),
             num_workers=self.hparams.num_workers,
             collate_fn=self.collate,
             drop_last=shuffle and len(dataset) > batch_size,
