@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import torch
+
 from dinov3_pl.metrics import KNNAccuracy
 from dinov3_pl.modules.frozen import FeatureType, FrozenBackboneModule
 
@@ -17,7 +19,12 @@ class KNN(FrozenBackboneModule):
     Nothing is trained. The evaluation loaders must come as a pair ``[bank, queries]``: dataloader 0 is the bank
     (the labelled train split, eval transform) and dataloader 1 the queries (val or test split), as
     ``ClassificationDataModule(knn_mode=True)`` returns them. Logs ``knn/top1_k10``, ``knn/top5_k10``, ... at the
-    end of ``validate`` / ``test``.
+    end of ``validate`` / ``test``, and ``knn/bank_size`` / ``knn/num_queries``, the numbers of rows that voted
+    and were classified (over all processes).
+
+    Under DDP each rank keeps only its shard of the bank and the search is sharded (see ``KNNAccuracy``); give both
+    loaders a sampler that splits the data without padding (``dinov3_pl.data.samplers.ShardedEvalSampler``, as
+    ``ClassificationDataModule`` does), or Lightning's ``DistributedSampler`` repeats samples to even the shards.
 
     Args:
         arch, weights, backbone_kwargs, n_last_blocks, cache_eval_features: see ``FrozenBackboneModule``.
@@ -66,9 +73,13 @@ class KNN(FrozenBackboneModule):
                 "Use ClassificationDataModule(knn_mode=True) or return a list of two loaders."
             )
         results = self.knn.compute()
+        # How many rows the vote used, over all ranks: the dataset sizes exactly (no DDP padding duplicates).
+        results["bank_size"] = torch.tensor(float(self.knn.bank_size))
+        results["num_queries"] = torch.tensor(float(self.knn.num_queries))
         self.knn.reset()
         self._saw_queries = False
-        # Values are already global (the metric gathers every rank); sync_dist only silences the DDP warning.
+        # Values are already global (every rank computes the same merged result); sync_dist only silences the DDP
+        # warning.
         self.log_dict({f"knn/{name}": value for name, value in results.items()}, sync_dist=True)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:

@@ -141,9 +141,11 @@ class Segmentation(FrozenBackboneModule):
         self.val_miou.update(predictions, masks)
         self.val_pixel_accuracy.update(predictions, masks)
         # Logged on every batch (every DDP rank must log the same keys); an all-ignore batch counts as loss 0.
+        # Epoch-level only: the eval sampler gives ranks unequal numbers of batches, so a per-step sync_dist
+        # (an all-reduce per batch) would wait forever on the rank that has one batch more.
         labelled = masks.ne(IGNORE_INDEX).sum().clamp(min=1)
         loss = F.cross_entropy(logits, masks, ignore_index=IGNORE_INDEX, reduction="sum") / labelled
-        self.log(f"{stage}/loss", loss, batch_size=len(masks), sync_dist=True)
+        self.log(f"{stage}/loss", loss, batch_size=len(masks), on_step=False, on_epoch=True, sync_dist=True)
         if stage == "val" and batch_idx == 0:
             self._log_overlay(batch["images"], masks, predictions)
 
