@@ -1,0 +1,171 @@
+"""DDP evaluation: eval loaders shard the data without padding duplicates, and the kNN bank stays sharded.
+
+Multi-process tests run real gloo process groups on the CPU in spawned (not forked) processes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.utils.data import DistributedSampler
+
+from dinov3_pl.data.classification import ClassificationDataModule
+from dinov3_pl.data.dense import DetectionDataModule, SegmentationDataModule
+from dinov3_pl.data.samplers import ShardedEvalSampler
+from dinov3_pl.metrics import KNNAccuracy
+from dinov3_pl.modules.knn import KNN
+from dinov3_pl.modules.linear_probe import LinearProbe
+from tests.ddp_knn_worker import (
+    BANK_SLICES,
+    FEATURE_DIM,
+    METRIC_OPTIONS,
+    QUERY_SLICES,
+    clustered,
+    sharded_metric_worker,
+)
+
+TINY_BACKBONE = {"depth": 2, "embed_dim": 32, "num_heads": 2, "patch_size": 8, "img_size": 32}
+# Neither a multiple of 2 processes nor of the batch size 8: DistributedSampler would pad both with duplicates.
+BANK_SIZE, QUERY_SIZE, BATCH_SIZE = 37, 23, 8
+
+
+# ------------------------------------------------------------------------------------------- the sampler alone
+@pytest.mark.parametrize("size", [1, 2, 7, 23, 64])
+@pytest.mark.parametrize("world", [1, 2, 3, 4, 8])
+def test_sharded_eval_sampler_covers_the_dataset_exactly_once(size, world):
+    if size < world:
+        with pytest.raises(ValueError, match=f"{size} samples cannot be split over {world} processes"):
+            ShardedEvalSampler(range(size), num_replicas=world, rank=0)
+        return
+    shards = [list(ShardedEvalSampler(range(size), num_replicas=world, rank=rank)) for rank in range(world)]
+    flat = [index for shard in shards for index in shard]
+    assert sorted(flat) == list(range(size))  # union = dataset, no duplicates, nothing dropped
+    assert max(map(len, shards)) - min(map(len, shards)) <= 1
+    for rank, shard in enumerate(shards):
+        sampler = ShardedEvalSampler(range(size), num_replicas=world, rank=rank)
+        assert len(sampler) == len(shard) == sampler.num_samples
+        assert shard == list(range(rank, size, world))  # strided, in dataset order
+
+
+def test_sharded_eval_sampler_without_process_group_and_in_the_data_modules():
+    assert not dist.is_initialized()
+    assert list(ShardedEvalSampler(range(5))) == [0, 1, 2, 3, 4]
+    # A DistributedSampler, so Lightning keeps it instead of injecting its padded one.
+    assert isinstance(ShardedEvalSampler(range(5)), DistributedSampler)
+    data = ClassificationDataModule(
+        synthetic_train_samples=BANK_SIZE, synthetic_eval_samples=QUERY_SIZE, batch_size=BATCH_SIZE, knn_mode=True
+    )
+    loaders = [*data.val_dataloader(), *data.test_dataloader()]
+    assert all(isinstance(loader.sampler, ShardedEvalSampler) for loader in loaders)
+    assert [len(loader.sampler) for loader in loaders] == [BANK_SIZE, QUERY_SIZE, BANK_SIZE, QUERY_SIZE]
+    assert not isinstance(data.train_dataloader().sampler, ShardedEvalSampler)  # training keeps shuffling
+    for dense in (SegmentationDataModule(num_train=4, num_val=3), DetectionDataModule(num_train=4, num_val=3)):
+        dense.setup("validate")
+        assert isinstance(dense.val_dataloader().sampler, ShardedEvalSampler)
+        assert isinstance(dense.test_dataloader().sampler, ShardedEvalSampler)
+        assert not isinstance(dense.train_dataloader().sampler, ShardedEvalSampler)
+
+
+# ------------------------------------------------------------------------------------------- KNNAccuracy sharded
+def test_sharded_knn_accuracy_equals_single_process_and_never_gathers_the_bank(tmp_path):
+    """3 ranks with uneven shards (one holds no bank rows, one no queries): every rank gets the single-process
+    result, keeps its bank shard, and only the queries are gathered as feature rows."""
+    world = 3
+    mp.spawn(sharded_metric_worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world)
+    reports = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(world)]
+
+    single = KNNAccuracy(**METRIC_OPTIONS)
+    bank, bank_labels = clustered(61, seed=0)
+    queries, query_labels = clustered(29, seed=1)
+    single.update(bank, bank_labels, bank=True)
+    single.update(queries, query_labels, bank=False)
+    expected = {name: value.item() for name, value in single.compute().items()}
+    assert 0.2 < expected["top1_k20"] < 1.0  # informative
+
+    for rank, report in enumerate(reports):
+        assert report["result"] == expected, rank
+        assert (report["bank_size"], report["num_queries"]) == (61, 29)
+        b0, b1 = BANK_SLICES[rank]
+        assert report["local_bank_rows"] == b1 - b0
+        # Only the queries travel as feature rows; the rest are row counts and [queries, max k] top-k candidates.
+        shapes = report["gathered_shapes"]
+        feature_gathers = [shape for shape in shapes if len(shape) == 2 and shape[1] == FEATURE_DIM]
+        q0, q1 = QUERY_SLICES[rank]
+        assert feature_gathers == [[q1 - q0, FEATURE_DIM]], shapes
+        assert all(shape[0] <= 29 for shape in report["gathered_shapes"])
+
+
+# ------------------------------------------------------------------------------------------- Lightning, 2 processes
+class RecordSeenIndices(L.Callback):
+    """Writes, per rank, the dataset indices every evaluation dataloader handed to the module."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = out_dir
+        self.seen: dict[int, list[int]] = {}
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        self.seen.setdefault(dataloader_idx, []).extend(batch["indices"].tolist())
+
+    def on_validation_end(self, trainer, pl_module):
+        Path(self.out_dir, f"indices_rank{trainer.global_rank}.json").write_text(json.dumps(self.seen))
+
+
+def _validate(model: L.LightningModule, data: L.LightningDataModule, processes: int, callbacks=()) -> dict:
+    distributed = {"devices": 2, "strategy": "ddp_spawn"} if processes == 2 else {"devices": 1}
+    trainer = L.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=list(callbacks),
+        **distributed,
+    )
+    return {name: float(value) for name, value in trainer.validate(model, datamodule=data)[0].items()}
+
+
+def _classification_data(knn_mode: bool) -> ClassificationDataModule:
+    return ClassificationDataModule(
+        image_size=32,
+        synthetic_image_size=32,
+        synthetic_train_samples=BANK_SIZE,
+        synthetic_eval_samples=QUERY_SIZE,
+        batch_size=BATCH_SIZE,
+        knn_mode=knn_mode,
+        eval_crop_ratio=1.0,
+    )
+
+
+def test_knn_validate_on_two_processes_equals_one_process_and_counts_each_sample_once(tmp_path):
+    torch.manual_seed(0)
+    model = KNN(backbone_kwargs=TINY_BACKBONE, feature_type="cls_meanpatch", ks=(1, 5, 20))
+    single = _validate(model, _classification_data(knn_mode=True), processes=1)
+    double = _validate(
+        model, _classification_data(knn_mode=True), processes=2, callbacks=[RecordSeenIndices(str(tmp_path))]
+    )
+    assert single["knn/bank_size"] == double["knn/bank_size"] == BANK_SIZE
+    assert single["knn/num_queries"] == double["knn/num_queries"] == QUERY_SIZE
+    assert double == single
+    assert {"knn/top1_k5", "knn/top5_k5"} <= set(single)
+    seen = [json.loads((tmp_path / f"indices_rank{rank}.json").read_text()) for rank in range(2)]
+    for loader, size in (("0", BANK_SIZE), ("1", QUERY_SIZE)):
+        assert sorted(seen[0][loader] + seen[1][loader]) == list(range(size)), loader  # each sample exactly once
+
+
+def test_linear_probe_validate_on_two_processes_equals_one_process():
+    torch.manual_seed(0)
+    # Untrained heads: enough to compare the metric; 3 learning rates are 3 independently initialised heads.
+    model = LinearProbe(num_classes=8, backbone_kwargs=TINY_BACKBONE, learning_rates=(0.1, 0.01, 0.001))
+    single = _validate(model, _classification_data(knn_mode=False), processes=1)
+    double = _validate(model, _classification_data(knn_mode=False), processes=2)
+    per_head = [name for name in single if name.startswith("linear/lr_")]
+    assert len(per_head) == 3
+    assert double == pytest.approx(single, abs=1e-7)
+    # A duplicated query would move an accuracy off the k / 23 grid; check the values are not all trivial.
+    assert {round(single[name] * QUERY_SIZE, 4) % 1 for name in per_head} == {0.0}
+    assert any(0.0 < single[name] < 1.0 for name in per_head)
