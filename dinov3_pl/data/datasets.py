@@ -7,7 +7,9 @@ has them, ``"mask"`` (uint8 [H, W], 0 = background, class c -> c + 1), ``"boxes"
 - :class:`SyntheticShapes`: embedded, generated on the fly from ``(seed, index)``; the default demo data.
 - :class:`FashionMNIST`: reads the original idx ``.gz`` files with numpy (Debian ``dataset-fashion-mnist`` or
   torchvision's ``FashionMNIST/raw`` layout).
-- :class:`ImageFolder`: any PIL-readable images below a folder; bad files are skipped (``None``) or raise.
+- :class:`ImageFolder`: any PIL-readable images below a folder, decoded by :func:`dinov3_pl.data.decode.read_rgb`
+  (16-bit, float, EXIF orientation, alpha, CMYK, palette, very large images); bad files are skipped (``None``) or
+  raise.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from typing import Any, Literal
 
 import numpy as np
 from torch.utils.data import Dataset
+
+from dinov3_pl.data.decode import DEFAULT_MAX_IMAGE_PIXELS, ImageTooLargeError, read_rgb
 
 __all__ = [
     "SyntheticShapes",
@@ -395,11 +399,13 @@ def _image_extensions() -> set[str]:
 
 
 class ImageFolder(Dataset):
-    """All images below ``root`` (recursive, any PIL-readable format), decoded to RGB.
+    """All images below ``root`` (recursive, any PIL-readable format), decoded to uint8 RGB by
+    :func:`~dinov3_pl.data.decode.read_rgb` (16-bit scaled, EXIF orientation applied, alpha composited over white).
 
     With ``with_labels=True`` the label is the index of the image's top-level sub-folder in sorted order
-    (``class_names`` lists them). A corrupt, truncated or empty file gives ``None`` with ``on_bad_image="skip"``
-    (the multi-crop collate drops and counts it) or raises an error naming the file with ``"raise"``.
+    (``class_names`` lists them). A corrupt, truncated or empty file, or one with more than ``max_image_pixels``
+    pixels (``None``: no limit), gives ``None`` with ``on_bad_image="skip"`` (the multi-crop collate drops and
+    counts it; a warning names the file and the reason) or raises an error naming the file with ``"raise"``.
     """
 
     def __init__(
@@ -407,9 +413,15 @@ class ImageFolder(Dataset):
         root: str | Path,
         with_labels: bool = False,
         on_bad_image: Literal["skip", "raise"] = "skip",
+        max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
     ) -> None:
         if on_bad_image not in ("skip", "raise"):
             raise ValueError(f"on_bad_image must be 'skip' or 'raise', got {on_bad_image!r}")
+        if max_image_pixels is not None and (
+            isinstance(max_image_pixels, bool) or not isinstance(max_image_pixels, int | float) or max_image_pixels <= 0
+        ):
+            raise ValueError(f"max_image_pixels must be a positive number of pixels or None, got {max_image_pixels!r}")
+        self.max_image_pixels = None if max_image_pixels is None else int(max_image_pixels)
         self.root = Path(root)
         self.with_labels = bool(with_labels)
         self.on_bad_image = on_bad_image
@@ -450,14 +462,15 @@ class ImageFolder(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> Sample | None:
-        from PIL import Image
-
         path = self.paths[index]
         try:
-            with Image.open(path) as opened:
-                opened.load()  # decode fully now so truncated files fail here, not later
-                image = np.asarray(opened.convert("RGB"), dtype=np.uint8)
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+            image = read_rgb(path, max_image_pixels=self.max_image_pixels)
+        except ImageTooLargeError as error:
+            if self.on_bad_image == "raise":
+                raise
+            warnings.warn(f"skipping image file {error}", RuntimeWarning, stacklevel=2)
+            return None
+        except (OSError, ValueError, SyntaxError) as error:
             if self.on_bad_image == "raise":
                 raise ValueError(f"cannot decode image file {path}: {error}") from error
             # Once per file and process (the warnings registry de-duplicates identical messages).

@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from dinov3_pl.data.datasets import ImageFolder
+from dinov3_pl.data.decode import DEFAULT_MAX_IMAGE_PIXELS
 from dinov3_pl.data.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform
 
 __all__ = ["ImageFolderPredictDataModule", "collate_predict"]
@@ -45,9 +46,10 @@ def collate_predict(items: list[tuple[int, torch.Tensor | None, str]]) -> dict[s
 class ImageFolderPredictDataModule(L.LightningDataModule):
     """Prediction batches ``{"images": [B, 3, S, S], "paths": list[str], "indices": [B], "skipped_paths": list}``.
 
-    Images are found recursively below ``root`` (any PIL-readable format), resized bicubically so the shorter side
-    is ``resize_size`` (default ``image_size * 256 / 224``), centre-cropped to ``image_size`` and normalised with
-    ImageNet statistics. ``image_size`` must be a multiple of the backbone's ``patch_size``.
+    Images are found recursively below ``root`` (any PIL-readable format, decoded by
+    :func:`~dinov3_pl.data.decode.read_rgb`: 16-bit, EXIF orientation, alpha over white), resized bicubically so
+    the shorter side is ``resize_size`` (default ``image_size * 256 / 224``), centre-cropped to ``image_size`` and
+    normalised with ImageNet statistics. ``image_size`` must be a multiple of the backbone's ``patch_size``.
 
     Args:
         root: folder with the images.
@@ -57,6 +59,7 @@ class ImageFolderPredictDataModule(L.LightningDataModule):
         batch_size: images per batch.
         num_workers: DataLoader worker processes.
         on_bad_image: ``"skip"`` drops unreadable files (listed in the output), ``"raise"`` stops with an error.
+        max_image_pixels: larger images count as unreadable (their message says so); ``None``: no limit.
     """
 
     def __init__(
@@ -68,6 +71,7 @@ class ImageFolderPredictDataModule(L.LightningDataModule):
         batch_size: int = 64,
         num_workers: int = 4,
         on_bad_image: Literal["skip", "raise"] = "skip",
+        max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
     ) -> None:
         super().__init__()
         if image_size <= 0 or image_size % patch_size:
@@ -83,7 +87,12 @@ class ImageFolderPredictDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if self.dataset is None:
-            folder = ImageFolder(self.hparams.root, with_labels=False, on_bad_image=self.hparams.on_bad_image)
+            folder = ImageFolder(
+                self.hparams.root,
+                with_labels=False,
+                on_bad_image=self.hparams.on_bad_image,
+                max_image_pixels=self.hparams.max_image_pixels,
+            )
             self.dataset = _IndexedImages(folder, self.transform)
 
     def predict_dataloader(self) -> DataLoader:
