@@ -1,1 +1,5 @@
-"""See the modules of this package."""
+"""Lightning callbacks."""
+
+from dinov3_pl.callbacks.pca import PCAFeatureMaps
+
+__all__ = ["PCAFeatureMaps"]

@@ -1,1 +1,26 @@
-"""See the modules of this package."""
+"""Datasets, multi-crop transforms, iBOT masking and the DataModules of pretraining and evaluation."""
+
+from dinov3_pl.data.classification import ClassificationDataModule
+from dinov3_pl.data.datasets import FashionMNIST, ImageFolder, SyntheticShapes
+from dinov3_pl.data.dense import CocoDetectionDataset, DetectionDataModule, SegmentationDataModule, SegmentationFolder
+from dinov3_pl.data.masking import BlockMaskGenerator, IBOTMaskCollator
+from dinov3_pl.data.multicrop import MultiCropDataModule
+from dinov3_pl.data.predict import ImageFolderPredictDataModule
+from dinov3_pl.data.transforms import EvalTransform, MultiCropTransform
+
+__all__ = [
+    "BlockMaskGenerator",
+    "ClassificationDataModule",
+    "CocoDetectionDataset",
+    "DetectionDataModule",
+    "EvalTransform",
+    "FashionMNIST",
+    "IBOTMaskCollator",
+    "ImageFolder",
+    "ImageFolderPredictDataModule",
+    "MultiCropDataModule",
+    "MultiCropTransform",
+    "SegmentationDataModule",
+    "SegmentationFolder",
+    "SyntheticShapes",
+]

@@ -1,4 +1,16 @@
-from dinov3_pl.models.backbone import DINOv3Backbone
-from dinov3_pl.models.heads import DINOHead
+"""The DINOv3 backbone (a timm ViT wrapper), weight loading, the DINO/iBOT head and the dense evaluation heads."""
 
-__all__ = ["DINOv3Backbone", "DINOHead"]
+from dinov3_pl.models.backbone import DINOv3Backbone
+from dinov3_pl.models.dense_heads import LinearSegmentationHead, SimpleFeaturePyramid
+from dinov3_pl.models.heads import DINOHead
+from dinov3_pl.models.weights import build_backbone, load_backbone_weights, read_state_dict
+
+__all__ = [
+    "DINOHead",
+    "DINOv3Backbone",
+    "LinearSegmentationHead",
+    "SimpleFeaturePyramid",
+    "build_backbone",
+    "load_backbone_weights",
+    "read_state_dict",
+]
