@@ -13,8 +13,9 @@ around it and that timm does not expose:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import timm
 import torch
@@ -22,16 +23,24 @@ from timm.layers import DropPath
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["DINOv3Backbone"]
+from dinov3_pl.models.weights import load_backbone_weights, read_checkpoint, resolve_recorded_architecture
+
+__all__ = ["TIMM_DEFAULTS", "DINOv3Backbone"]
+
+# What DINOv3Backbone passes to timm.create_model unless overridden: only the trunk (no classifier, no pooling),
+# and any image size (RoPE follows the actual patch grid).
+TIMM_DEFAULTS: dict[str, Any] = {"num_classes": 0, "global_pool": "", "dynamic_img_size": True}
 
 
 class DINOv3Backbone(nn.Module):
     """A timm DINOv3 ViT (``vit_*_patch16_dinov3*``) with DINOv3's token outputs and iBOT mask token.
 
     Args:
-        arch: timm model name, e.g. ``vit_small_patch16_dinov3`` or ``vit_base_patch16_dinov3_qkvb``.
-        weights: optional path to weights: an upstream DINOv3 ``.pth``, a Hugging Face DINOv3ViT folder or
-            ``model.safetensors``, a timm state dict, or a dinov3-pl Lightning ``.ckpt`` (its teacher backbone).
+        arch: timm model name, e.g. ``vit_small_patch16_dinov3`` or ``vit_base_patch16_dinov3_qkvb``. ``None`` with
+            a dinov3-pl ``.ckpt``: the architecture the checkpoint records is built.
+        weights: optional path to weights (or the loaded file): an upstream DINOv3 ``.pth``, a Hugging Face
+            DINOv3ViT folder or ``model.safetensors``, a timm state dict, or a dinov3-pl Lightning ``.ckpt`` (its
+            teacher backbone; the arch and overrides it records are used, and given ones must agree with them).
         drop_path_rate: stochastic depth rate.
         drop_path_uniform: the same rate in every block (upstream DINOv3); ``False`` keeps timm's linear ramp.
         rope_rescale: train-time RoPE coordinate rescale factor R: coordinates are multiplied by one log-uniform
@@ -43,8 +52,8 @@ class DINOv3Backbone(nn.Module):
 
     def __init__(
         self,
-        arch: str = "vit_small_patch16_dinov3",
-        weights: str | Path | dict | None = None,
+        arch: str | None = "vit_small_patch16_dinov3",
+        weights: str | Path | Mapping[str, Any] | None = None,
         *,
         drop_path_rate: float = 0.0,
         drop_path_uniform: bool = True,
@@ -53,14 +62,16 @@ class DINOv3Backbone(nn.Module):
         **timm_overrides,
     ) -> None:
         super().__init__()
+        # Read once: the file may record the architecture to build, and is then loaded from memory.
+        weights = read_checkpoint(weights) if isinstance(weights, str | Path) else weights
+        arch, timm_overrides = resolve_recorded_architecture(arch, timm_overrides, weights)
         if "dinov3" not in arch:
             raise ValueError(f"arch must be a timm DINOv3 ViT (vit_*_patch16_dinov3*), got {arch!r}")
         if rope_rescale is not None and rope_rescale < 1:
             raise ValueError(f"rope_rescale is a factor R >= 1 (scales drawn in [1/R, R]), got {rope_rescale}")
-        # Only the trunk is wanted: no classifier, no pooling. A user override (e.g. img_size) wins.
-        kwargs = dict(num_classes=0, global_pool="", drop_path_rate=drop_path_rate, dynamic_img_size=True)
-        kwargs.update(timm_overrides)
         self.arch = arch
+        self.timm_overrides: dict[str, Any] = timm_overrides
+        kwargs = {**TIMM_DEFAULTS, "drop_path_rate": drop_path_rate, **timm_overrides}
         self.vit = timm.create_model(arch, pretrained=False, **kwargs)
         if self.vit.rope is None or self.vit.cls_token is None:
             raise ValueError(f"{arch} with {timm_overrides} has no RoPE or no CLS token; it is not a DINOv3 ViT")
@@ -76,8 +87,6 @@ class DINOv3Backbone(nn.Module):
         # timm's RoPE module would otherwise apply its own (once-per-forward) augmentation when training.
         self.vit.rope.aug_active = False
         if weights is not None:
-            from dinov3_pl.models.weights import load_backbone_weights
-
             load_backbone_weights(self, weights)
 
     # ------------------------------------------------------------------------------------------------ helpers

@@ -31,7 +31,14 @@ from torch import Tensor
 if TYPE_CHECKING:
     from dinov3_pl.models.backbone import DINOv3Backbone
 
-__all__ = ["build_backbone", "detect_format", "load_backbone_weights", "read_checkpoint", "read_state_dict"]
+__all__ = [
+    "build_backbone",
+    "detect_format",
+    "load_backbone_weights",
+    "read_checkpoint",
+    "read_state_dict",
+    "resolve_recorded_architecture",
+]
 
 FORMATS = ("upstream", "huggingface", "timm", "dinov3_pl")
 _HF_WEIGHTS = "model.safetensors"
@@ -39,6 +46,10 @@ _HF_INDEX = "model.safetensors.index.json"
 # Where the backbone sits inside a training checkpoint, in order of preference: the EMA teacher is the model
 # that upstream evaluates and releases; the student is only used when nothing else is there.
 _BACKBONE_PREFIXES = ("teacher.backbone.", "model_ema.backbone.", "backbone.", "student.backbone.")
+# timm overrides that may be given over a dinov3-pl .ckpt although it does not record them: they change no parameter
+# and nothing the loaded network computes. img_size only sets timm's nominal grid; DINOv3Backbone builds timm with
+# dynamic_img_size, so any image size divisible by the patch size runs and RoPE follows the actual grid.
+HARMLESS_OVERRIDES = frozenset({"img_size"})
 
 
 def _describe(keys: Iterable[str], limit: int = 5) -> str:
@@ -291,10 +302,80 @@ def _fill_zero_biases(out: dict[str, Tensor], target_keys: set[str]) -> None:
                 out[prefix + "v_bias"] = out[key].new_zeros(dim)
 
 
+# ------------------------------------------------------------------------------------------------ recorded arch
+def _recorded_config(checkpoint: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The ``backbone_config`` a dinov3-pl ``.ckpt`` records (``{"arch", "timm_overrides"}``), else ``None``."""
+    recorded = checkpoint.get("backbone_config") if checkpoint is not None else None
+    return recorded if isinstance(recorded, Mapping) and recorded.get("arch") else None
+
+
+def _rebuild_hint(recorded: Mapping[str, Any]) -> str:
+    return (
+        f"The checkpoint records its architecture (arch {recorded['arch']!r}, timm overrides "
+        f"{dict(recorded.get('timm_overrides') or {})}): pass arch: null and drop backbone_kwargs "
+        "(in Python: DINOv3Backbone(None, weights=path) or build_backbone(None, path))."
+    )
+
+
+def _comparable(value: Any) -> Any:
+    # YAML gives lists where the recorded Python value may be a tuple (e.g. img_size).
+    return [_comparable(item) for item in value] if isinstance(value, list | tuple) else value
+
+
+def resolve_recorded_architecture(
+    arch: str | None, timm_overrides: Mapping[str, Any], checkpoint: Mapping[str, Any] | None
+) -> tuple[str, dict[str, Any]]:
+    """The timm arch and overrides to build a backbone for ``checkpoint`` (a loaded file, or ``None``).
+
+    A dinov3-pl ``.ckpt`` records the architecture it was trained with, and that record is the architecture:
+    ``arch`` may be ``None`` or must name the recorded arch, and each override must repeat the recorded value.
+    An override the record does not hold is allowed only when it is in ``HARMLESS_OVERRIDES``; any other would
+    build a different network than the one trained (``num_heads`` changes no parameter shape, so the weights would
+    even load). Without a record, ``arch`` is required and returned with the overrides unchanged.
+    """
+    from dinov3_pl.models.backbone import TIMM_DEFAULTS
+
+    recorded = _recorded_config(checkpoint)
+    if recorded is None:
+        if arch is None:
+            source = "no weights were given" if checkpoint is None else "these weights record no architecture"
+            raise ValueError(
+                f"arch is required: {source} (only a dinov3-pl .ckpt records one); give arch, a timm DINOv3 ViT "
+                "name such as vit_small_patch16_dinov3, with the overrides the weights were trained with"
+            )
+        return arch, dict(timm_overrides)
+    hint = _rebuild_hint(recorded)
+    if arch is not None and arch != recorded["arch"]:
+        raise ValueError(f"arch={arch!r} differs from the checkpoint's recorded arch {recorded['arch']!r}. {hint}")
+    recorded_overrides = dict(recorded.get("timm_overrides") or {})
+    # DINOv3Backbone's own defaults hold in every recorded build, so repeating them contradicts nothing.
+    effective = {**TIMM_DEFAULTS, **recorded_overrides}
+    conflicts = []
+    for key, value in timm_overrides.items():
+        if key in effective:
+            if _comparable(value) != _comparable(effective[key]):
+                conflicts.append(f"{key}: recorded {effective[key]!r}, given {value!r}")
+        elif key not in HARMLESS_OVERRIDES:
+            conflicts.append(f"{key}: not recorded (the arch's default was trained), given {value!r}")
+    if conflicts:
+        raise ValueError(
+            "the backbone overrides contradict the architecture recorded in the checkpoint ("
+            + "; ".join(conflicts)
+            + f"). {hint}"
+        )
+    return recorded["arch"], {**recorded_overrides, **timm_overrides}
+
+
 # ------------------------------------------------------------------------------------------------ loading
 def load_backbone_weights(backbone: DINOv3Backbone, source: str | Path | Mapping[str, Any]) -> None:
-    """Loads weights into ``backbone`` in place. ``source``: a path (file or HF folder) or a loaded checkpoint."""
+    """Loads weights into ``backbone`` in place. ``source``: a path (file or HF folder) or a loaded checkpoint.
+
+    A dinov3-pl ``.ckpt`` must have been trained with the backbone's arch and timm overrides (it records them).
+    """
     checkpoint = read_checkpoint(source) if isinstance(source, str | Path) else source
+    recorded = _recorded_config(checkpoint)
+    if recorded is not None:
+        resolve_recorded_architecture(backbone.arch, getattr(backbone, "timm_overrides", {}), checkpoint)
     state_dict, metadata = _unwrap(checkpoint)
     fmt = detect_format(state_dict)
     target = backbone.vit.state_dict()
@@ -312,11 +393,13 @@ def load_backbone_weights(backbone: DINOv3Backbone, source: str | Path | Mapping
         vit_state, mask_token, extras = convert(state_dict, target_keys)
         if fmt == "upstream":
             _fill_zero_biases(vit_state, target_keys)
-    _check_against(vit_state, target, fmt)
+    hint = _rebuild_hint(recorded) if recorded is not None else None
+    _check_against(vit_state, target, fmt, hint)
     _check_rope(backbone, extras.get("rope_periods"), metadata.get("hf_config"), fmt)
     if mask_token is not None and mask_token.numel() != backbone.mask_token.numel():
         raise ValueError(
-            f"shape mismatch ({fmt} format): mask_token {tuple(mask_token.shape)} vs {tuple(backbone.mask_token.shape)}"
+            f"shape mismatch ({fmt} format): mask_token {tuple(mask_token.shape)} vs "
+            f"{tuple(backbone.mask_token.shape)}. {hint or 'Check arch and overrides (embed_dim).'}"
         )
     backbone.vit.load_state_dict(vit_state, strict=True)
     if mask_token is not None:
@@ -324,7 +407,9 @@ def load_backbone_weights(backbone: DINOv3Backbone, source: str | Path | Mapping
             backbone.mask_token.copy_(mask_token.reshape(backbone.mask_token.shape))
 
 
-def _check_against(state_dict: Mapping[str, Tensor], target: Mapping[str, Tensor], fmt: str) -> None:
+def _check_against(
+    state_dict: Mapping[str, Tensor], target: Mapping[str, Tensor], fmt: str, hint: str | None = None
+) -> None:
     missing = set(target) - set(state_dict)
     unexpected = set(state_dict) - set(target)
     mismatched = [
@@ -344,7 +429,8 @@ def _check_against(state_dict: Mapping[str, Tensor], target: Mapping[str, Tensor
         raise ValueError(
             f"the weights (read as {fmt} format, in timm key names) do not fit the backbone architecture: "
             + "; ".join(problems)
-            + ". Check arch and overrides (depth, embed_dim, patch_size, qkv bias, SwiGLU, storage tokens)."
+            + ". "
+            + (hint or "Check arch and overrides (depth, embed_dim, patch_size, qkv bias, SwiGLU, storage tokens).")
         )
 
 
@@ -374,20 +460,10 @@ def build_backbone(
     """Builds a ``DINOv3Backbone`` and loads ``weights``.
 
     Given a dinov3-pl ``.ckpt`` (which records ``backbone_config = {"arch", "timm_overrides"}``), ``arch`` may be
-    left out: the recorded architecture is rebuilt, with ``overrides`` on top of the recorded overrides.
+    left out: the recorded architecture is rebuilt (see :func:`resolve_recorded_architecture` for the overrides
+    that may still be given). ``overrides`` also take ``DINOv3Backbone``'s own options (``drop_path_rate``, ...).
     """
     from dinov3_pl.models.backbone import DINOv3Backbone
 
     checkpoint = read_checkpoint(weights) if isinstance(weights, str | Path) else weights
-    recorded = checkpoint.get("backbone_config") if checkpoint is not None else None
-    if recorded is not None:
-        if arch is not None and arch != recorded["arch"]:
-            raise ValueError(f"arch={arch!r} differs from the checkpoint's recorded arch {recorded['arch']!r}")
-        arch = recorded["arch"]
-        overrides = {**recorded.get("timm_overrides", {}), **overrides}
-    if arch is None:
-        raise ValueError(
-            "arch is required unless weights is a dinov3-pl .ckpt that records its backbone_config; "
-            f"got weights={weights!r}"
-        )
     return DINOv3Backbone(arch, weights=checkpoint, **overrides)
