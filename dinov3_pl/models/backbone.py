@@ -8,11 +8,13 @@ around it and that timm does not expose:
 - RoPE coordinate rescaling redrawn at every block during training, as upstream does
   (timm draws once per forward and does not expose the option);
 - the same drop-path rate in every block (upstream) or timm's linear ramp;
-- upstream's ``get_intermediate_layers`` contract.
+- upstream's ``get_intermediate_layers`` contract;
+- upstream's initialisation when built without weights (timm's differs, see ``init_as_upstream``).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,7 +27,7 @@ from torch.utils.checkpoint import checkpoint
 
 from dinov3_pl.models.weights import load_backbone_weights, read_checkpoint, resolve_recorded_architecture
 
-__all__ = ["TIMM_DEFAULTS", "DINOv3Backbone"]
+__all__ = ["TIMM_DEFAULTS", "DINOv3Backbone", "init_as_upstream"]
 
 # What DINOv3Backbone passes to timm.create_model unless overridden: only the trunk (no classifier, no pooling),
 # and any image size (RoPE follows the actual patch grid).
@@ -34,6 +36,8 @@ TIMM_DEFAULTS: dict[str, Any] = {"num_classes": 0, "global_pool": "", "dynamic_i
 
 class DINOv3Backbone(nn.Module):
     """A timm DINOv3 ViT (``vit_*_patch16_dinov3*``) with DINOv3's token outputs and iBOT mask token.
+
+    Without ``weights`` the parameters are initialised as upstream DINOv3 initialises its ViT (``init_as_upstream``).
 
     Args:
         arch: timm model name, e.g. ``vit_small_patch16_dinov3`` or ``vit_base_patch16_dinov3_qkvb``. ``None`` with
@@ -86,7 +90,9 @@ class DINOv3Backbone(nn.Module):
             self._set_uniform_drop_path(drop_path_rate)
         # timm's RoPE module would otherwise apply its own (once-per-forward) augmentation when training.
         self.vit.rope.aug_active = False
-        if weights is not None:
+        if weights is None:
+            init_as_upstream(self)
+        else:
             load_backbone_weights(self, weights)
 
     # ------------------------------------------------------------------------------------------------ helpers
@@ -212,3 +218,62 @@ def _patch_coords(grid_hw: tuple[int, int], device: torch.device) -> Tensor:
     coords_w = (torch.arange(width, device=device, dtype=torch.float32) + 0.5) / width
     grid = torch.stack(torch.meshgrid(coords_h, coords_w, indexing="ij"), dim=-1).flatten(0, 1)
     return 2.0 * grid - 1.0
+
+
+@torch.no_grad()
+def init_as_upstream(backbone: DINOv3Backbone) -> None:
+    """Initialises every parameter of ``backbone`` as upstream DINOv3 initialises ``DinoVisionTransformer``.
+
+    Upstream's rule (``dinov3/models/vision_transformer.py``: ``init_weights`` and ``init_weights_vit``; the
+    ``reset_parameters`` of ``layers/patch_embed.py``, ``layers/layer_scale.py``): every Linear weight is
+    truncated normal with std 0.02 and its bias zero (the fused qkv bias too, whose Q/V parts are timm's
+    ``q_bias``/``v_bias``); CLS and storage tokens are normal with std 0.02; the mask token is zero; norms are
+    weight 1, bias 0; LayerScale gammas are the init value; the patch-embedding conv is uniform in ±1/sqrt(fan_in),
+    bias included. timm departs from this: its Eva divides each block's ``attn.proj`` and ``mlp.fc2`` weights by
+    sqrt(2 (block + 1)) (``fix_init_weight``), so a ViT-S would start with std 0.014 … 0.004 there instead of 0.02.
+    RoPE periods are fixed buffers that timm computes as upstream does. A parameter this rule does not cover (a
+    timm option upstream lacks) raises, so the initialisation can never silently be timm's again.
+    """
+    vit = backbone.vit
+    initialised: set[int] = set()
+
+    def mark(*params: Tensor | None) -> None:
+        initialised.update(id(param) for param in params if param is not None)
+
+    for module in vit.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.trunc_normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+            mark(module.weight, module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            module.reset_parameters()
+            mark(module.weight, module.bias)
+    proj = vit.patch_embed.proj
+    bound = 1.0 / math.sqrt(proj.in_channels * proj.kernel_size[0] * proj.kernel_size[1])
+    nn.init.uniform_(proj.weight, -bound, bound)
+    if proj.bias is not None:
+        nn.init.uniform_(proj.bias, -bound, bound)
+    mark(proj.weight, proj.bias)
+    for block in vit.blocks:
+        for bias in (getattr(block.attn, "q_bias", None), getattr(block.attn, "v_bias", None)):
+            if bias is not None:
+                nn.init.zeros_(bias)
+                mark(bias)
+        for gamma in (getattr(block, "gamma_1", None), getattr(block, "gamma_2", None)):
+            if gamma is not None:
+                nn.init.constant_(gamma, block.init_values)
+                mark(gamma)
+    for token in (vit.cls_token, vit.reg_token):
+        if token is not None:
+            nn.init.normal_(token, std=0.02)
+            mark(token)
+    nn.init.zeros_(backbone.mask_token)
+    mark(backbone.mask_token)
+    unknown = [name for name, param in backbone.named_parameters() if id(param) not in initialised]
+    if unknown:
+        raise ValueError(
+            f"init_as_upstream does not know how upstream DINOv3 initialises {unknown[:5]} "
+            f"({len(unknown)} in all) of {backbone.arch} with {backbone.timm_overrides}; drop the timm override "
+            "that adds them or load weights"
+        )
