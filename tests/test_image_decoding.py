@@ -444,7 +444,7 @@ def test_pil_pixel_guard_is_replaced_by_max_image_pixels(tmp_path, rng, monkeypa
 
 
 def test_very_large_image_decodes(tmp_path):
-    """The reported case: a 14000 x 14000 scan was "undecodable" (DecompressionBombError). 5-9 s on 2 busy cores."""
+    """The reported case: a 14000 x 14000 scan was "undecodable" (DecompressionBombError). 3-7 s on 2 CPU cores."""
     side = 14000
     assert side * side > 2 * Image.MAX_IMAGE_PIXELS  # above PIL's default refusal threshold
     Image.new("L", (side, side), 77).save(tmp_path / "scan.png", compress_level=1)

@@ -5,13 +5,13 @@
 
 - **16-bit greyscale** (PIL modes ``I;16``, ``I;16B``, ...): ``convert("RGB")`` clips the values at 255, so a
   16-bit photo comes out almost all white. Here the 8-bit value is the high byte (``v >> 8``). That is how PIL
-  itself reduces 16-bit RGB, RGBA and grey+alpha PNG/TIFF files (they open as 8-bit ``RGB``/``RGBA``), so a 16-bit
-  grey file and the same picture saved as 16-bit RGB decode identically; it differs from ``round(v * 255 / 65535)``
-  by at most one level, and maps 65535 to 255 and 0 to 0.
+  itself reduces 16-bit RGB, RGBA and grey+alpha PNGs and 16-bit RGB TIFFs (they open as 8-bit ``RGB``/``RGBA``),
+  so a 16-bit grey file and the same picture saved as 16-bit RGB decode identically; it differs from
+  ``round(v * 255 / 65535)`` by at most one level, and maps 65535 to 255 and 0 to 0.
 - **32-bit integer** (mode ``I``: 16-bit PGM files, which PIL scales to 0..65535, and int32 TIFFs) is read on the
   same 0..65535 scale; values outside it are clipped, with a warning naming the file.
-- **32-bit float** (mode ``F``, float TIFFs) is read as intensities in [0, 1] (the convention of scikit-image,
-  OpenCV and most float-image writers): ``round(255 * v)``. Values outside [0, 1] and NaN/inf are clipped, with a
+- **32-bit float** (mode ``F``, float TIFFs) is read as intensities in [0, 1] (the convention of scikit-image and
+  OpenCV): ``round(255 * v)``. Values outside [0, 1] and NaN/inf are clipped, with a
   warning naming the file and its value range, rather than stretching each image to its own min..max (which
   would make the same value decode differently in different files).
 - **EXIF orientation** (tag 274, set by phone and camera JPEGs) is applied, so pixels come out as viewers show
@@ -23,14 +23,15 @@
   be seen on a page, and viewers and browsers show them on white. Dropping alpha instead exposes whatever colour
   the encoder left under fully transparent pixels (often black, so black-on-transparent artwork becomes a black
   square). The formula is ``round((rgb * a + background * (255 - a)) / 255)`` in exact integer arithmetic.
-- **CMYK** JPEG/TIFF: PIL's conversion ``R = round((255 - C) * (255 - K) / 255)`` (the same as OpenCV's, to one
-  level); embedded ICC profiles are not applied.
+- **CMYK** JPEG/TIFF: PIL's conversion ``R = round((255 - C) * (255 - K) / 255)`` (OpenCV's agrees within two
+  levels); embedded ICC profiles are not applied.
 - **Palette** images: palette lookup (with per-entry transparency as above).
 - **Large images**: PIL refuses images above ``2 * PIL.Image.MAX_IMAGE_PIXELS`` (179 MP) with a
   ``DecompressionBombError``, so a 14000 x 14000 scan was reported as undecodable. That process-wide guard is
   replaced by the explicit ``max_image_pixels`` argument (default 1e9 pixels, ~3 GB as uint8 RGB): an image
-  above it raises :class:`ImageTooLargeError`, which names the option to raise. A limit stays because a few-KB
-  PNG can declare a billions-of-pixels canvas, which would exhaust memory in every data-loader worker.
+  above it raises :class:`ImageTooLargeError`, which names the option to raise. A limit stays because a small
+  file can declare a canvas of billions of pixels, which PIL allocates before decoding, in every data-loader
+  worker.
 """
 
 from __future__ import annotations
