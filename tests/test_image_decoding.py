@@ -239,6 +239,7 @@ def test_exif_orientation_png(tmp_path, rng, orientation):
     np.testing.assert_array_equal(decoded, displayed(stored, orientation))
     with Image.open(path) as opened:  # a second, independent implementation: PIL's own exif_transpose
         np.testing.assert_array_equal(decoded, np.asarray(ImageOps.exif_transpose(opened).convert("RGB")))
+    np.testing.assert_array_equal(read_rgb(path, apply_exif_orientation=False), stored)  # for stored-pixel labels
 
 
 @pytest.mark.parametrize("orientation", [3, 6, 8, 2])

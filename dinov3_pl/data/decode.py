@@ -101,8 +101,12 @@ def read_rgb(
     *,
     max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
     background: Sequence[int] = WHITE,
+    apply_exif_orientation: bool = True,
 ) -> np.ndarray:
     """Decode the image file ``path`` to uint8 [H, W, 3] as a viewer shows it (see the module docstring).
+
+    ``apply_exif_orientation=False`` keeps the stored pixel order of EXIF-tagged files, for data whose annotations
+    (masks, boxes) were made on the stored pixels; TIFF orientation tags are applied by PIL either way.
 
     Raises :class:`ImageTooLargeError` when width x height exceeds ``max_image_pixels`` (``None``: no limit),
     checked from the header before any pixel is decoded, and PIL's ``OSError``/``ValueError``/``SyntaxError`` for
@@ -122,7 +126,7 @@ def read_rgb(
         image.load()  # decode fully now so that truncated files fail here
         rgb = image_to_rgb(image, background=background, source=str(path))
         orientation = _exif_orientation(image)
-    if orientation in _ORIENTATION_TO_DISPLAY:
+    if apply_exif_orientation and orientation in _ORIENTATION_TO_DISPLAY:
         rgb = np.ascontiguousarray(_ORIENTATION_TO_DISPLAY[orientation](rgb))
     return rgb
 
