@@ -8,6 +8,7 @@ comparable with the DINOv3 paper's detection numbers.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -239,14 +240,17 @@ class Detection(FrozenBackboneModule):
     def _log_epoch_metrics(self, stage: str) -> None:
         results = self.val_map.compute()
         self.val_map.reset()
-        self.log(f"{stage}/mAP", results["map"], prog_bar=True, sync_dist=True)
-        self.log(f"{stage}/mAP50", results["map_50"], prog_bar=True, sync_dist=True)
-        self.log(f"{stage}/mAP75", results["map_75"], sync_dist=True)
-        self.log(f"{stage}/mAR100", results["mar_100"], sync_dist=True)
+        # The values are global (the metric gathers every rank's boxes) and identical on every rank: "max" keeps them
+        # exact where sync_dist's default mean over, e.g., 3 ranks can round them.
+        log = functools.partial(self.log, sync_dist=True, reduce_fx="max")
+        log(f"{stage}/mAP", results["map"], prog_bar=True)
+        log(f"{stage}/mAP50", results["map_50"], prog_bar=True)
+        log(f"{stage}/mAP75", results["map_75"])
+        log(f"{stage}/mAR100", results["mar_100"])
         # COCO's split by box area (small < 32^2 <= medium < 96^2 <= large px^2); -1 means no box of that size.
         for size in ("small", "medium", "large"):
             if results[f"map_{size}"] >= 0:
-                self.log(f"{stage}/mAP_{size}", results[f"map_{size}"], sync_dist=True)
+                log(f"{stage}/mAP_{size}", results[f"map_{size}"])
 
     def on_validation_epoch_end(self) -> None:
         self._log_epoch_metrics("val")

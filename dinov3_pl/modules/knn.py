@@ -78,9 +78,9 @@ class KNN(FrozenBackboneModule):
         results["num_queries"] = torch.tensor(float(self.knn.num_queries))
         self.knn.reset()
         self._saw_queries = False
-        # Values are already global (every rank computes the same merged result); sync_dist only silences the DDP
-        # warning.
-        self.log_dict({f"knn/{name}": value for name, value in results.items()}, sync_dist=True)
+        # Every rank computed the same global values. sync_dist only silences Lightning's DDP warning; "max" keeps
+        # them exact where the default mean over, e.g., 3 ranks can round them by an ulp.
+        self.log_dict({f"knn/{name}": value for name, value in results.items()}, sync_dist=True, reduce_fx="max")
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
         self._update(batch, "val", dataloader_idx)

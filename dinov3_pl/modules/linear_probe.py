@@ -185,7 +185,8 @@ class LinearProbe(FrozenBackboneModule):
             logged["linear/top5"] = results[5][best]
         for index in range(len(self.heads)):
             logged[f"linear/lr_{self._lr_name(index)}/top1"] = results[1][index]
-        self.log_dict(logged, sync_dist=True)  # already global values (torchmetrics syncs)
+        # Already global (torchmetrics syncs); "max" of identical values stays exact, a mean over 3 ranks may not.
+        self.log_dict(logged, sync_dist=True, reduce_fx="max")
 
     def on_test_epoch_end(self) -> None:
         results = self._collect("test")
@@ -198,7 +199,8 @@ class LinearProbe(FrozenBackboneModule):
             logged["linear/test_top5"] = results[5][best]
         for index in range(len(self.heads)):
             logged[f"linear/lr_{self._lr_name(index)}/test_top1"] = results[1][index]
-        self.log_dict(logged, sync_dist=True)  # already global values (torchmetrics syncs)
+        # Already global (torchmetrics syncs); "max" of identical values stays exact, a mean over 3 ranks may not.
+        self.log_dict(logged, sync_dist=True, reduce_fx="max")
 
     # ------------------------------------------------------------------------------------ optimisation
     def _global_batch_size(self) -> int | None:

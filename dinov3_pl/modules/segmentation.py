@@ -157,9 +157,10 @@ class Segmentation(FrozenBackboneModule):
 
     def _log_epoch_metrics(self, stage: str) -> None:
         # compute() reduces the dataset-level confusion matrix across processes (torchmetrics); the value is global,
-        # so sync_dist only averages identical numbers and silences Lightning's epoch-level DDP warning.
-        self.log(f"{stage}/mIoU", self.val_miou.compute(), prog_bar=True, sync_dist=True)
-        self.log(f"{stage}/pixel_accuracy", self.val_pixel_accuracy.compute(), sync_dist=True)
+        # so sync_dist only silences Lightning's epoch-level DDP warning, and "max" of the identical values keeps
+        # them exact (the default mean over, e.g., 3 ranks can round them by an ulp).
+        self.log(f"{stage}/mIoU", self.val_miou.compute(), prog_bar=True, sync_dist=True, reduce_fx="max")
+        self.log(f"{stage}/pixel_accuracy", self.val_pixel_accuracy.compute(), sync_dist=True, reduce_fx="max")
         self.val_miou.reset()
         self.val_pixel_accuracy.reset()
 
