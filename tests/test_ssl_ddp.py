@@ -1,4 +1,5 @@
-"""Real 2-process DDP runs (gloo, CPU) of the demo pretraining recipe: a short run, and an exact mid-epoch resume."""
+"""Real 2-process DDP runs (gloo, CPU) of the demo pretraining recipe: a short run, and exact resume on an
+epoch boundary and inside an epoch."""
 
 import lightning as L
 import torch
@@ -42,16 +43,18 @@ def test_two_process_ddp_run_of_the_demo_recipe(tmp_path):
 
 
 def _ddp_fit(root, *extra: str) -> dict:
-    """A 2-process run of 3 steps per epoch (96 images, 16 per rank and step); returns its newest last checkpoint
-    (a run that resumes into a folder holding last.ckpt writes last-v1.ckpt, which ``--ckpt_path last`` picks)."""
+    """A 2-process run: 100 images, 50 per rank, batches of 16 -> 3 per epoch, cut to 2 by limit_train_batches; 3
+    epochs. Returns its newest last checkpoint (a run that resumes into a folder holding last.ckpt writes
+    last-v1.ckpt, which ``--ckpt_path last`` picks)."""
     fixed = ("--trainer.max_epochs", "--trainer.max_steps", "--model.init_args.optim.total_steps")
     cli_main(
         [arg for arg in cli_args(root) if not arg.startswith(fixed)]
         + [
             *TWO_CPU_PROCESSES,
-            "--trainer.max_epochs=2",
+            "--trainer.max_epochs=3",
+            "--trainer.limit_train_batches=2",
             "--model.init_args.optim.total_steps=6",  # the same schedules whether interrupted or not
-            "--data.init_args.num_samples=96",
+            "--data.init_args.num_samples=100",
             "--data.init_args.knn_monitor=false",
             *extra,
         ]
@@ -60,22 +63,25 @@ def _ddp_fit(root, *extra: str) -> dict:
     return torch.load(newest, map_location="cpu", weights_only=True)
 
 
-def test_two_process_mid_epoch_resume_is_exact(tmp_path):
-    """Stopped one step into epoch 2 and resumed with --ckpt_path: both ranks skip exactly the samples they had
-    trained, so student, teacher and AdamW state equal the uninterrupted run's."""
+def test_two_process_resume_on_an_epoch_boundary_and_inside_an_epoch_is_exact(tmp_path):
+    """Stopped by max_steps on an epoch boundary (step 2) and inside an epoch (step 3), resumed with --ckpt_path
+    last: both ranks continue with exactly the samples they had not trained, so student, teacher and AdamW state
+    equal the uninterrupted run's."""
     straight = _ddp_fit(tmp_path / "straight")
     assert straight["global_step"] == 6
-    stopped = _ddp_fit(tmp_path / "resumed", "--trainer.max_steps=4", "--checkpoint.every_n_train_steps=2")
-    assert stopped["global_step"] == 4  # mid-epoch: 1 of epoch 2's 3 steps done
-    resumed = _ddp_fit(tmp_path / "resumed", "--ckpt_path=last")
-    assert resumed["global_step"] == 6
-    assert straight["state_dict"].keys() == resumed["state_dict"].keys()
-    for key, value in straight["state_dict"].items():
-        assert torch.equal(value, resumed["state_dict"][key]), key
-    for expected, got in zip(
-        straight["optimizer_states"][0]["state"].values(),
-        resumed["optimizer_states"][0]["state"].values(),
-        strict=True,
-    ):
-        for name in ("exp_avg", "exp_avg_sq", "step"):
-            assert torch.equal(expected[name], got[name])
+    for stop in (2, 3):
+        root = tmp_path / f"stopped_after_{stop}"
+        assert _ddp_fit(root, f"--trainer.max_steps={stop}")["global_step"] == stop
+        resumed = _ddp_fit(root, "--ckpt_path=last")
+        assert resumed["global_step"] == 6
+        assert resumed["MultiCropDataModule"] == straight["MultiCropDataModule"]
+        assert straight["state_dict"].keys() == resumed["state_dict"].keys()
+        for key, value in straight["state_dict"].items():
+            assert torch.equal(value, resumed["state_dict"][key]), f"stopped after {stop}: {key}"
+        for expected, got in zip(
+            straight["optimizer_states"][0]["state"].values(),
+            resumed["optimizer_states"][0]["state"].values(),
+            strict=True,
+        ):
+            for name in ("exp_avg", "exp_avg_sq", "step"):
+                assert torch.equal(expected[name], got[name]), f"stopped after {stop}: AdamW {name}"

@@ -1,5 +1,6 @@
 """Lightning callbacks."""
 
 from dinov3_pl.callbacks.pca import PCAFeatureMaps
+from dinov3_pl.callbacks.resume import ExactResume
 
-__all__ = ["PCAFeatureMaps"]
+__all__ = ["ExactResume", "PCAFeatureMaps"]

@@ -3,7 +3,8 @@
 Train batches (crop-major: all images' crop 0, then all images' crop 1, ...; see notes/CONTRACTS.md):
   ``global_crops`` float [2B, 3, G, G], ``local_crops`` float [nB, 3, L, L] (absent when n = 0),
   ``masks`` bool [2B, (G/p)^2] (iBOT, upstream statistics), ``gram_crops`` float [2B, 3, Gg, Gg] (when enabled),
-  ``labels`` long [B] (-1 unknown), ``num_bad_images`` int (undecodable images dropped from this batch).
+  ``labels`` long [B] (-1 unknown), ``num_bad_images`` int (undecodable images dropped from this batch),
+  ``epoch`` int (the sampler epoch the batch was drawn from; it tells the DataModule where training stands).
 
 Randomness: the sampler yields ``(epoch, index)`` keys, each sample's crops come from a generator seeded with
 ``(seed, epoch, index)`` and each batch's masks from ``(seed, epoch, indices of the batch)``. Workers therefore draw
@@ -12,7 +13,6 @@ different crops, and a run is reproducible given the seed whatever the number of
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
@@ -150,10 +150,12 @@ class MultiCropCollate:
         if "gram_crops" in good[0]:
             batch["gram_crops"] = torch.stack([s["gram_crops"][i] for i in range(num_global) for s in good])
         # The batch's masks are seeded by its samples, so they do not depend on which worker built it.
-        keys = [self.seed] + [int(s.get("epoch", 0)) for s in good[:1]] + [int(s.get("index", 0)) for s in good]
+        epoch = int(good[0].get("epoch", 0))
+        keys = [self.seed, epoch] + [int(s.get("index", 0)) for s in good]
         batch["masks"] = self.masking(num_global * len(good), np.random.default_rng(keys))
         batch["labels"] = torch.tensor([int(s.get("label", -1)) for s in good], dtype=torch.long)
         batch["num_bad_images"] = num_bad
+        batch["epoch"] = epoch
         return batch
 
 
@@ -291,9 +293,8 @@ class MultiCropDataModule(LightningDataModule):
         self.train_dataset: Dataset | None = None
         self.knn_bank_dataset: Dataset | None = None
         self.knn_query_dataset: Dataset | None = None
-        self.num_bad_images_seen = 0
-        self._resume_position: tuple[int, int] | None = None
-        self._warned_epochs: set[int] = set()
+        # (sampler epoch, batches of it trained): restored from a checkpoint, then advanced by every trained batch.
+        self._position: tuple[int, int] | None = None
 
     # ----------------------------------------------------------------------------------------------------------------
     def _fashion_root(self) -> str:
@@ -327,15 +328,31 @@ class MultiCropDataModule(LightningDataModule):
                 self.knn_bank_dataset = Subset(base, bank_indices.tolist())
                 self.knn_query_dataset = Subset(test, query_indices.tolist())
         else:
-            base = ImageFolder(hp.root, with_labels=hp.knn_monitor, on_bad_image=hp.on_bad_image)
+            base = self._image_folder()
             if hp.knn_monitor:
                 if base.num_classes < 2:
-                    raise ValueError(f"knn_monitor on a folder needs >= 2 class sub-folders in {hp.root}")
+                    raise ValueError(
+                        f"knn_monitor: true needs >= 2 class sub-folders in {hp.root} (found {base.num_classes}) for "
+                        "the kNN bank and queries; set data.init_args.knn_monitor=false to pretrain without labels"
+                    )
                 order = np.random.default_rng(hp.seed).permutation(len(base))
                 num_bank = min(hp.knn_bank_size, len(base) // 2)
                 self.knn_bank_dataset = Subset(base, order[:num_bank].tolist())
                 self.knn_query_dataset = Subset(base, order[num_bank : num_bank + hp.knn_query_size].tolist())
         self.train_dataset = MultiCropDataset(base, self.transform, seed=hp.seed)
+
+    def _image_folder(self) -> ImageFolder:
+        hp = self.hparams
+        try:
+            return ImageFolder(hp.root, with_labels=hp.knn_monitor, on_bad_image=hp.on_bad_image)
+        except ValueError as error:
+            if not hp.knn_monitor or "with_labels" not in str(error):
+                raise
+            # The folder is fine for pretraining; only the online kNN monitor needs labels.
+            raise ValueError(
+                f"knn_monitor: true needs labelled images (class sub-folders of {hp.root}) for the kNN bank and "
+                f"queries ({error}). Set data.init_args.knn_monitor=false to pretrain on an unlabelled folder"
+            ) from None
 
     def _loader_options(self) -> dict[str, Any]:
         workers = self.hparams.num_workers
@@ -349,9 +366,16 @@ class MultiCropDataModule(LightningDataModule):
         if self.train_dataset is None:
             self.setup("fit")
         sampler = EpochSeedSampler(len(self.train_dataset), seed=self.hparams.seed, shuffle=True)
-        if self._resume_position is not None:
-            epoch, batches_done = self._resume_position
-            sampler.resume_from(epoch, batches_done * self.hparams.batch_size)
+        batch_size, world_size = self.hparams.batch_size, sampler.num_replicas
+        if self.hparams.drop_last and len(sampler) < batch_size:
+            raise ValueError(
+                f"the training set has {len(self.train_dataset)} images, fewer than one batch of {batch_size}"
+                + (f" on each of {world_size} processes" if world_size > 1 else "")
+                + ": lower data.init_args.batch_size or add images"
+            )
+        if self._position is not None:
+            epoch, batches_done = self._position
+            sampler.resume_from(epoch, batches_done * batch_size)
         return DataLoader(
             self.train_dataset,
             batch_size=self.hparams.batch_size,
@@ -381,31 +405,26 @@ class MultiCropDataModule(LightningDataModule):
         ]
 
     def state_dict(self) -> dict[str, Any]:
-        """Where the training epoch stands, saved in every checkpoint (see :meth:`load_state_dict`)."""
-        trainer = self.trainer
-        if trainer is None:
+        """Where training stands in the data, saved in every checkpoint: the sampler epoch of the last trained
+        batch and how many batches of that epoch were trained (see :meth:`load_state_dict`)."""
+        if self._position is None:
             return {}
-        progress = trainer.fit_loop.epoch_loop.batch_progress.current
-        return {"epoch": trainer.current_epoch, "batches_done": progress.processed}
+        epoch, batches_done = self._position
+        return {"epoch": epoch, "batches_done": batches_done}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """A mid-epoch checkpoint resumes that epoch after the batches already trained (Lightning alone would
-        restart the epoch's data from its first batch)."""
+        """A checkpoint taken inside an epoch resumes that epoch after the batches already trained (Lightning alone
+        would restart the epoch's data from its first batch); after a finished epoch the next one starts whole."""
         if "epoch" in state_dict:
-            self._resume_position = (int(state_dict["epoch"]), int(state_dict["batches_done"]))
+            self._position = (int(state_dict["epoch"]), int(state_dict["batches_done"]))
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Counts skipped images and warns once per epoch when some were dropped."""
-        if isinstance(batch, dict) and batch.get("num_bad_images"):
-            self.num_bad_images_seen += int(batch["num_bad_images"])
-            trainer = getattr(self, "trainer", None)
-            epoch = trainer.current_epoch if trainer is not None else -1
-            if epoch not in self._warned_epochs:
-                self._warned_epochs.add(epoch)
-                warnings.warn(
-                    f"epoch {epoch}: skipped undecodable images ({self.num_bad_images_seen} so far in this run); "
-                    "the SSL module logs num_bad_images per batch, ImageFolder(on_bad_image='raise') names the files",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
+        """Advances the data position by each training batch, just before it is trained. The position is read
+        from the batch's own ``epoch``, not from Lightning's epoch counter, which runs ahead of the data at some
+        checkpoint moments (see ``dinov3_pl.callbacks.ExactResume``)."""
+        trainer = self.trainer
+        if trainer is not None and trainer.training and isinstance(batch, dict) and "epoch" in batch:
+            epoch = int(batch["epoch"])
+            same_epoch = self._position is not None and self._position[0] == epoch
+            self._position = (epoch, self._position[1] + 1 if same_epoch else 1)
         return batch
