@@ -23,6 +23,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.nn import functional as F
 
@@ -66,13 +67,13 @@ class DINOSSLModule(L.LightningModule):
 
     def __init__(
         self,
-        backbone: BackboneConfig | None = None,
-        dino_head: HeadConfig | None = None,
-        ibot_head: HeadConfig | None = None,
-        loss: LossConfig | None = None,
-        teacher: TeacherConfig | None = None,
-        optim: OptimConfig | None = None,
-        gram: GramConfig | None = None,
+        backbone: BackboneConfig = BackboneConfig(),
+        dino_head: HeadConfig = HeadConfig(),
+        ibot_head: HeadConfig = HeadConfig(),
+        loss: LossConfig = LossConfig(),
+        teacher: TeacherConfig = TeacherConfig(),
+        optim: OptimConfig = OptimConfig(),
+        gram: GramConfig = GramConfig(),
         max_consecutive_bad_steps: int = 10,
         knn_ks: tuple[int, ...] = (10, 20),
         knn_temperature: float = 0.07,
@@ -122,7 +123,9 @@ class DINOSSLModule(L.LightningModule):
         # Checkpointed, so a resumed run keeps the seed of the run it continues (see on_train_batch_start).
         self.register_buffer("run_seed", torch.tensor(torch.initial_seed() % 2**62, dtype=torch.long))
         self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long))
-        self._last_step_finite = True
+        self._skip_reason: str | None = None  # why the current optimizer step is skipped (None: it is not)
+        self._step = 0  # the optimizer step the current batch trains (global_step moves on inside the batch)
+        self._bad_images = {"epoch": 0, "run": 0}  # undecodable images dropped by the DataModule
         self._batch_start_time: float | None = None
         self._knn = None
         self._knn_has_queries = False
@@ -136,6 +139,20 @@ class DINOSSLModule(L.LightningModule):
         if self.gram_teacher is not None:
             self.gram_teacher.eval()
         return self
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        from dinov3_pl.callbacks.resume import ExactResume
+
+        return [ExactResume()]
+
+    def setup(self, stage: str) -> None:
+        strategy = type(self.trainer.strategy).__name__ if self._trainer is not None else ""
+        if any(name in strategy for name in ("FSDP", "ModelParallel", "DeepSpeed")):
+            raise ValueError(
+                f"DINOSSLModule does not support the {strategy}: its EMA teacher update, per-module gradient "
+                "clipping and exact resume are written for whole (unsharded) parameters and are not tested sharded. "
+                "Use trainer.strategy=ddp; for memory, backbone.grad_checkpointing=true and bf16-mixed precision"
+            )
 
     @property
     def eval_backbone(self) -> DINOv3Backbone:
@@ -157,17 +174,36 @@ class DINOSSLModule(L.LightningModule):
             raise ValueError("the DataModule must expose batch_size for the sqrt LR scaling rule (or lr_scaling: none)")
         return int(batch_size) * self.trainer.world_size * self.trainer.accumulate_grad_batches
 
+    def _fit_phases_to_run(self, total: int) -> dict[str, int]:
+        """LR warm-up and freeze lengths, each shortened to half the run when the run is shorter than it (smoke tests:
+        ``fast_dev_run``, ``max_steps`` of a few steps), with one warning naming the keys. A teacher-temperature
+        warm-up longer than the run is left as it is: it is a valid (if unusual) schedule."""
+        phases = {
+            "optim.warmup_steps": self.optim_config.warmup_steps,
+            "optim.freeze_last_layer_steps": self.optim_config.freeze_last_layer_steps,
+            "optim.head_warmup_steps": self.optim_config.head_warmup_steps,
+        }
+        shortened = {key: total // 2 for key, steps in phases.items() if steps > total}
+        if shortened:
+            changes = ", ".join(f"{key} {phases[key]} -> {steps}" for key, steps in shortened.items())
+            rank_zero_warn(
+                f"the run has {total} optimizer steps, fewer than some warm-up/freeze phases of the recipe; "
+                f"shortened to half the run: {changes} (set model.init_args.optim.total_steps to keep the recipe)"
+            )
+        return {**phases, **shortened}
+
     def _build_schedules(self) -> None:
         optim, teacher, total = self.optim_config, self.teacher_config, self._total_steps()
+        self.phase_steps = phases = self._fit_phases_to_run(total)
         scale = 1.0
         if optim.lr_scaling == "sqrt_wrt_1024":
             scale = 4 * math.sqrt(self._global_batch_size() / 1024)
+        warmup = phases["optim.warmup_steps"]
         if optim.lr_schedule == "cosine":
-            self.lr_schedule: Schedule = CosineSchedule(
-                optim.lr * scale, optim.min_lr * scale, total, optim.warmup_steps
-            )
+            # Upstream's IN-1k recipe (schedules v1, configs/config.py) scales the peak LR only, not min_lr.
+            self.lr_schedule: Schedule = CosineSchedule(optim.lr * scale, optim.min_lr, total, warmup)
         else:
-            self.lr_schedule = ConstantSchedule(optim.lr * scale, optim.warmup_steps)
+            self.lr_schedule = ConstantSchedule(optim.lr * scale, warmup)
         if optim.weight_decay_schedule == "cosine":
             self.wd_schedule: Schedule = CosineSchedule(optim.weight_decay, optim.weight_decay_end, total)
         else:
@@ -202,45 +238,43 @@ class DINOSSLModule(L.LightningModule):
     def _apply_schedules(self, optimizer: torch.optim.Optimizer, step: int) -> None:
         lr, wd = self.lr_schedule(step), self.wd_schedule(step)
         for group in optimizer.param_groups:
-            frozen = (group["is_last_layer"] and step < self.optim_config.freeze_last_layer_steps) or (
-                group["module"] == "backbone" and step < self.optim_config.head_warmup_steps
+            frozen = (group["is_last_layer"] and step < self.phase_steps["optim.freeze_last_layer_steps"]) or (
+                group["module"] == "backbone" and step < self.phase_steps["optim.head_warmup_steps"]
             )
             # LR 0 (not zeroed gradients) freezes exactly: AdamW's decoupled decay is scaled by the LR too.
             group["lr"] = 0.0 if frozen else lr * group["lr_multiplier"]
             group["weight_decay"] = wd * group["wd_multiplier"]
 
     # ------------------------------------------------------------------------------------------------ step
+    def on_train_start(self) -> None:
+        self._run_seed = int(self.run_seed)  # read once: on a GPU every read of the buffer is a sync
+
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
-        # Drop path and RoPE rescaling draw from the global RNG. Seeding it from (run seed, step, rank) makes every
-        # step's randomness independent of what ran before, so a run resumed from any checkpoint is exact, and
-        # ranks draw different masks.
-        torch.manual_seed(hash((int(self.run_seed), self.global_step, self.global_rank)) % 2**63)
-        self._apply_schedules(self.optimizers().optimizer, self.global_step)
-        self._maybe_refresh_gram_teacher()
+        self._step = step = self.global_step
+        # Lightning accumulates gradients over windows of batch indices aligned to the epoch's start.
+        micro_batch = batch_idx % self.trainer.accumulate_grad_batches
+        # Drop path and RoPE rescaling draw from the global RNG. Seeding it from (run seed, step, rank[, micro-batch])
+        # makes every batch's randomness independent of what ran before, so a run resumed from any checkpoint is
+        # exact, ranks draw differently, and so do the micro-batches of one accumulated step.
+        key = (self._run_seed, step, self.global_rank) + ((micro_batch,) if micro_batch else ())
+        torch.manual_seed(hash(key) % 2**63)
+        if micro_batch == 0:  # once per optimizer step
+            self._skip_reason = None
+            self._apply_schedules(self.optimizers().optimizer, step)
+            self._maybe_refresh_gram_teacher()
         self._batch_start_time = time.perf_counter()
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor | None:
-        losses = self.compute_losses(batch, step=self.global_step)
+        self._bad_images["epoch"] += int(batch.get("num_bad_images", 0))
+        losses = self.compute_losses(batch, step=self._step)
         total = losses["loss"]
         if not self._all_ranks_finite(total):
-            self.consecutive_bad_steps += 1
-            self.skipped_steps += 1
-            self._last_step_finite = False
-            self.log("train/skipped_steps", self.skipped_steps.float(), rank_zero_only=True)
-            if self.consecutive_bad_steps >= self.hparams.max_consecutive_bad_steps:
-                raise FloatingPointError(
-                    f"{self.consecutive_bad_steps} consecutive non-finite losses at step {self.global_step} "
-                    f"(last terms: { {k: float(v) for k, v in losses.items()} }); stopping. The weights were not "
-                    "updated by these steps: resume from the last checkpoint with a lower LR or fix the data."
-                )
-            return None  # no backward; the optimizer step finds no gradients and changes nothing
-        self.consecutive_bad_steps = 0
-        self._last_step_finite = True
+            # No backward; configure_gradient_clipping then drops the whole accumulated step.
+            self._skip_reason = f"non-finite loss (terms: { {k: float(v) for k, v in losses.items()} })"
+            return None
         batch_size = batch["global_crops"].shape[0] // NUM_GLOBAL_CROPS
         self.log_dict({f"train/{k}": v.detach() for k, v in losses.items()}, batch_size=batch_size, prog_bar=False)
         self.log("train/loss_total", total.detach(), prog_bar=True, batch_size=batch_size)
-        if "num_bad_images" in batch:
-            self.log("train/bad_images", float(batch["num_bad_images"]), reduce_fx="sum", batch_size=batch_size)
         return total
 
     def compute_losses(self, batch: dict, step: int) -> dict[str, Tensor]:
@@ -325,7 +359,7 @@ class DINOSSLModule(L.LightningModule):
         return patches
 
     def _maybe_refresh_gram_teacher(self) -> None:
-        gram, step = self.gram_config, self.global_step
+        gram, step = self.gram_config, self._step
         if self.gram_teacher is None:
             return
         snapshot = not bool(self.gram_initialized) and step >= gram.start_step
@@ -341,6 +375,18 @@ class DINOSSLModule(L.LightningModule):
             if refresh:
                 self.gram_refreshes += 1
 
+    def on_train_epoch_end(self) -> None:
+        bad = self._bad_images["epoch"]
+        if self.trainer.world_size > 1:
+            bad = int(self.trainer.strategy.reduce(torch.tensor(bad, device=self.device), reduce_op="sum"))
+        self._bad_images = {"epoch": 0, "run": self._bad_images["run"] + bad}
+        self.log_dict({"data/bad_images_epoch": float(bad), "data/bad_images_total": float(self._bad_images["run"])})
+        if bad:
+            rank_zero_warn(
+                f"epoch {self.current_epoch}: skipped {bad} undecodable image(s) ({self._bad_images['run']} in this "
+                "run); the warnings above name the files, or set data.init_args.on_bad_image=raise to stop at the first"
+            )
+
     def _all_ranks_finite(self, value: Tensor) -> bool:
         bad = (~torch.isfinite(value.detach())).float()
         if self.trainer.world_size > 1:
@@ -349,18 +395,48 @@ class DINOSSLModule(L.LightningModule):
 
     # ------------------------------------------------------------------------------------------------ after step
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        if gradient_clip_val is not None:  # Trainer(gradient_clip_val=...) asks for the global-norm clip
-            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
-            return
-        # Upstream clips backbone and heads one by one; the option clips the student's global norm instead.
-        groups = self.student if self.optim_config.clip_per_module else {"all": self.student}
-        norms = clip_grad_norm_per_module(groups, self.optim_config.clip_grad)
-        self.log_dict({f"grad_norm/{k}": v for k, v in norms.items()}, rank_zero_only=True)
+        """Runs between the (accumulated) backward passes and the optimizer step: clips, or drops the step."""
+        if self._skip_reason is None:
+            if gradient_clip_val is not None:  # Trainer(gradient_clip_val=...) asks for the global-norm clip
+                self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+                return
+            # Upstream clips backbone and heads one by one; the option clips the student's global norm instead.
+            groups = self.student if self.optim_config.clip_per_module else {"all": self.student}
+            norms = clip_grad_norm_per_module(groups, self.optim_config.clip_grad)
+            self.log_dict({f"grad_norm/{k}": v for k, v in norms.items()}, rank_zero_only=True)
+            if norms and not bool(torch.isfinite(torch.stack(list(norms.values()))).all()):
+                self._skip_reason = f"non-finite gradient norm ({ {k: float(v) for k, v in norms.items()} })"
+        if self._skip_reason is not None:
+            # Without gradients AdamW leaves every parameter and its moments as they are (no decay either).
+            for parameter in self.student.parameters():
+                parameter.grad = None
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
-        if self._last_step_finite:
-            self._update_teacher(self.momentum_schedule(self.global_step))
+        if self._skip_reason is None:
+            self.consecutive_bad_steps = 0
+            self._update_teacher(self.momentum_schedule(self._step))
+            return
+        # A skipped step: no AdamW update, no EMA. Training stops after too many in a row.
+        self.consecutive_bad_steps += 1
+        self.skipped_steps += 1
+        self.log("train/skipped_steps", self.skipped_steps.float(), rank_zero_only=True)
+        if self.consecutive_bad_steps >= self.hparams.max_consecutive_bad_steps:
+            callback = self.trainer.checkpoint_callback
+            good = getattr(callback, "last_good_checkpoint", None) or getattr(callback, "last_model_path", None)
+            where = f"resume from {good}" if good else "no checkpoint was written before; restart"
+            raise FloatingPointError(
+                f"{self.consecutive_bad_steps} consecutive optimizer steps skipped at step {self._step}, the last for "
+                f"a {self._skip_reason}; stopping. Skipped steps leave the weights as they were: {where} with a lower "
+                "LR (model.init_args.optim.lr) or fix the data."
+            )
+
+    def checkpoint_veto(self) -> str | None:
+        """Why the current state must not be checkpointed (``None``: it may be). Asked by the checkpoint callback:
+        while steps are being skipped, the weights are those that led to non-finite losses or gradients."""
+        if self.consecutive_bad_steps:
+            return f"{self.consecutive_bad_steps} optimizer step(s) in a row were skipped ({self._skip_reason})"
+        return None
 
     @torch.no_grad()
     def _update_teacher(self, momentum: float) -> None:
@@ -370,7 +446,7 @@ class DINOSSLModule(L.LightningModule):
         torch._foreach_add_(teacher, student, alpha=1 - momentum)
 
     def on_train_batch_end(self, outputs: Any, batch: dict, batch_idx: int) -> None:
-        step = self.global_step
+        step = self._step  # the values this batch trained with (global_step has moved on after the step)
         stats = {
             "schedule/lr": self.lr_schedule(step),
             "schedule/weight_decay": self.wd_schedule(step),
@@ -415,20 +491,31 @@ class DINOSSLModule(L.LightningModule):
             if dataclasses.is_dataclass(value):
                 hyper_parameters[key] = dataclasses.asdict(value)
         # Lets `DINOv3Backbone(weights=run.ckpt)` and the eval modules rebuild the teacher backbone from the file.
-        checkpoint["backbone_config"] = {
-            "arch": self.backbone_config.arch,
-            "timm_overrides": dict(self.backbone_config.timm_overrides),
-        }
-        checkpoint["consecutive_bad_steps"] = self.consecutive_bad_steps
+        # Read from the built backbone: continuing from a .ckpt with arch null fills in the recorded architecture.
+        backbone = self.student.backbone
+        checkpoint["backbone_config"] = {"arch": backbone.arch, "timm_overrides": dict(backbone.timm_overrides)}
+        checkpoint["bad_images_total"] = self._bad_images["run"]
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self.consecutive_bad_steps = checkpoint.get("consecutive_bad_steps", 0)
+        # Not restored: consecutive_bad_steps (a resumed run, e.g. with a lower LR, starts counting afresh).
+        self._bad_images["run"] = int(checkpoint.get("bad_images_total", 0))
+        self._complete_gram_state(checkpoint["state_dict"])
+
+    def _complete_gram_state(self, state_dict: dict[str, Tensor]) -> None:
+        """Starting the Gram phase from a pretraining checkpoint, which has no Gram teacher: it comes from
+        ``gram.teacher_weights`` (already loaded) or is snapshot from the restored EMA teacher at ``start_step``."""
+        if self.gram_teacher is None or any(key.startswith("gram_teacher.") for key in state_dict):
+            return
+        for key, value in self.gram_teacher.state_dict().items():
+            state_dict[f"gram_teacher.{key}"] = value
+        state_dict["gram_initialized"] = self.gram_initialized.clone()
+        state_dict["gram_refreshes"] = torch.zeros_like(self.gram_refreshes)
 
 
 def _config(config_type: type, value: Any) -> Any:
-    """``value`` as a ``config_type`` dataclass: ``None`` gives the defaults, a dict its fields."""
+    """``value`` as a ``config_type`` dataclass of its own: ``None`` gives the defaults, a dict its fields."""
     if value is None:
         return config_type()
     if isinstance(value, dict):
         return config_type(**value)
-    return value
+    return copy.deepcopy(value)  # the signature's default instances are shared between modules

@@ -15,11 +15,12 @@ from dinov3_pl.models.heads import DINOHead
 __all__ = ["BackboneConfig", "HeadConfig", "LossConfig", "TeacherConfig", "OptimConfig", "GramConfig"]
 
 
-@dataclass
+@dataclass(frozen=True)
 class BackboneConfig:
-    """The student backbone (the teacher is its EMA copy). ``weights`` continues from released/upstream weights."""
+    """The student backbone (the teacher is its EMA copy). ``weights`` continues from released/upstream weights;
+    ``arch: null`` takes the architecture a dinov3-pl ``.ckpt`` given as ``weights`` records."""
 
-    arch: str = "vit_small_patch16_dinov3"
+    arch: str | None = "vit_small_patch16_dinov3"
     weights: str | None = None
     drop_path_rate: float = 0.0
     drop_path_uniform: bool = True
@@ -39,7 +40,7 @@ class BackboneConfig:
         )
 
 
-@dataclass
+@dataclass(frozen=True)
 class HeadConfig:
     """A DINO or iBOT head: MLP ``num_layers`` deep -> ``bottleneck_dim`` -> L2 norm -> ``num_prototypes``."""
 
@@ -52,7 +53,7 @@ class HeadConfig:
         return DINOHead(in_dim, self.num_prototypes, self.hidden_dim, self.bottleneck_dim, self.num_layers)
 
 
-@dataclass
+@dataclass(frozen=True)
 class LossConfig:
     """Loss weights and temperatures. The DINO global/local terms are further scaled by their pair counts."""
 
@@ -65,7 +66,7 @@ class LossConfig:
     center_momentum: float = 0.9  # softmax centering only (DINOv1/v2 style)
 
 
-@dataclass
+@dataclass(frozen=True)
 class TeacherConfig:
     """EMA momentum (cosine ``momentum`` -> ``momentum_end`` over training, or constant) and the teacher
     temperature (linear warm-up from ``temperature_warmup_start`` over ``temperature_warmup_steps``)."""
@@ -78,7 +79,7 @@ class TeacherConfig:
     temperature_warmup_steps: int = 37_500  # 30 upstream epochs of 1250 iterations
 
 
-@dataclass
+@dataclass(frozen=True)
 class OptimConfig:
     """AdamW with upstream's parameter groups and schedules, all in optimizer steps.
 
@@ -105,7 +106,7 @@ class OptimConfig:
     fused: bool | None = None  # torch's fused AdamW kernel (CPU and CUDA); None keeps torch's default
 
 
-@dataclass
+@dataclass(frozen=True)
 class GramConfig:
     """Gram anchoring (upstream ``dinov3_vit7b16_gram_anchor.yaml``), all in steps.
 
