@@ -133,7 +133,7 @@ class KNNAccuracy(Metric):
         shards, self._shards = self._shards, None
         if shards is not None and self._is_synced:
             return self._compute_sharded(shards)
-        # List states before a DDP sync, concatenated tensors after it: test emptiness by element count.
+        # One process (or no DDP sync): every bank and query row is local.
         if _num_rows(self.bank_features) == 0:
             raise ValueError("KNNAccuracy has an empty bank: call update(..., bank=True) with train features first")
         if _num_rows(self.query_features) == 0:
