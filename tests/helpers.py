@@ -40,6 +40,14 @@ def logged_image_tags(logger: TensorBoardLogger) -> list[str]:
     return EventAccumulator(str(logger.log_dir)).Reload().Tags()["images"]
 
 
+def logged_scalars(logger: TensorBoardLogger) -> dict[str, list[float]]:
+    """Every scalar written to ``logger``'s event files, by tag, in step order."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(logger.log_dir)).Reload()
+    return {tag: [event.value for event in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
 def run_cli(args: list[str]):
     """The project's CLI (dinov3_pl.cli); without a subcommand it only instantiates model and DataModule."""
     from dinov3_pl.cli import DINOv3CLI

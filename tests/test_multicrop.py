@@ -145,6 +145,24 @@ def test_folder_with_corrupt_file_is_skipped_and_counted(tmp_path):
         next(iter(raising.train_dataloader()))
 
 
+def test_dataset_smaller_than_one_batch_is_a_clear_error():
+    datamodule = MultiCropDataModule(**{**TINY, "num_samples": 5, "batch_size": 8})
+    datamodule.setup("fit")
+    with pytest.raises(ValueError, match="5 images, fewer than one batch of 8: lower data.init_args.batch_size"):
+        datamodule.train_dataloader()
+
+
+def test_knn_monitor_on_an_unlabelled_folder_names_the_option_to_change(tmp_path):
+    root = tmp_path / "unlabelled"
+    root.mkdir()
+    for index in range(4):
+        Image.fromarray(np.full((24, 24, 3), 40 * index, dtype=np.uint8)).save(root / f"{index}.png")
+    datamodule = MultiCropDataModule(**{**TINY, "dataset": "folder", "root": str(root), "knn_monitor": True})
+    with pytest.raises(ValueError, match="knn_monitor: true needs labelled images.*knn_monitor=false"):
+        datamodule.setup("fit")
+    MultiCropDataModule(**{**TINY, "dataset": "folder", "root": str(root)}).setup("fit")  # fine without the monitor
+
+
 def test_setup_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no image files"):

@@ -6,6 +6,7 @@ from dinov3_pl.data.dense import CocoDetectionDataset, DetectionDataModule, Segm
 from dinov3_pl.data.masking import BlockMaskGenerator, IBOTMaskCollator
 from dinov3_pl.data.multicrop import MultiCropDataModule
 from dinov3_pl.data.predict import ImageFolderPredictDataModule
+from dinov3_pl.data.samplers import ShardedEvalSampler
 from dinov3_pl.data.transforms import EvalTransform, MultiCropTransform
 
 __all__ = [
@@ -22,5 +23,6 @@ __all__ = [
     "MultiCropTransform",
     "SegmentationDataModule",
     "SegmentationFolder",
+    "ShardedEvalSampler",
     "SyntheticShapes",
 ]

@@ -27,6 +27,10 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from dinov3_pl.data.datasets import FashionMNIST, SyntheticShapes
+
+# Images are decoded as viewers show them (EXIF orientation applied, as OpenCV's and mmcv's readers do); label maps
+# are read as stored.
+from dinov3_pl.data.decode import read_rgb
 from dinov3_pl.data.samplers import ShardedEvalSampler
 
 __all__ = [
@@ -45,11 +49,6 @@ IGNORE_INDEX = 255
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
-
-
-def _read_rgb(path: Path) -> np.ndarray:
-    with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"))
 
 
 # ------------------------------------------------------------------------------------------------ datasets
@@ -82,7 +81,7 @@ class SegmentationFolder(Dataset):
         return len(self.images)
 
     def __getitem__(self, index: int) -> dict:
-        image = _read_rgb(self.images[index])
+        image = read_rgb(self.images[index])
         with Image.open(self.labels[index]) as label:
             if label.mode not in ("L", "P", "I;16", "I"):
                 raise ValueError(
@@ -161,7 +160,7 @@ class CocoDetectionDataset(Dataset):
         path = self.image_root / record["file_name"]
         if not path.is_file():
             raise FileNotFoundError(f"image {path} listed in the COCO annotations does not exist")
-        image = _read_rgb(path)
+        image = read_rgb(path)
         height, width = image.shape[:2]
         boxes = np.asarray(record["boxes"], dtype=np.float32).reshape(-1, 4)
         boxes[:, 0::2] = boxes[:, 0::2].clip(0, width)

@@ -22,7 +22,9 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from dinov3_pl.data.datasets import FashionMNIST, ImageFolder, SyntheticShapes, default_fashion_mnist_root
+from dinov3_pl.data.decode import DEFAULT_MAX_IMAGE_PIXELS
 from dinov3_pl.data.masking import IBOTMaskCollator
+from dinov3_pl.data.samplers import ShardedEvalSampler
 from dinov3_pl.data.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform, MultiCropTransform
 
 __all__ = [
@@ -193,8 +195,9 @@ class MultiCropDataModule(LightningDataModule):
     ``dataset``: ``"synthetic"`` (embedded :class:`SyntheticShapes`, ``num_samples`` images of ``image_size``),
     ``"fashion_mnist"`` (``root`` or the Debian copy; ``download`` fetches it with torchvision) or ``"folder"``
     (:class:`ImageFolder` below ``root``; undecodable files are skipped and counted, or raise with
-    ``on_bad_image="raise"``). Transform arguments are those of :class:`MultiCropTransform` (upstream defaults);
-    mask arguments those of :class:`IBOTMaskCollator`.
+    ``on_bad_image="raise"``; images over ``max_image_pixels`` pixels are refused, ``None`` lifts the limit).
+    Transform arguments are those of :class:`MultiCropTransform` (upstream defaults); mask arguments those of
+    :class:`IBOTMaskCollator`.
 
     With ``knn_monitor=True`` and labelled data, ``val_dataloader()`` returns ``[bank_loader, query_loader]``
     (``{"images", "labels"}`` batches, resize + centre crop to ``eval_size``): synthetic uses two fresh sample sets
@@ -237,6 +240,7 @@ class MultiCropDataModule(LightningDataModule):
         persistent_workers: bool = True,
         drop_last: bool = True,
         on_bad_image: Literal["skip", "raise"] = "skip",
+        max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
         knn_monitor: bool = False,
         knn_bank_size: int = 2048,
         knn_query_size: int = 1024,
@@ -344,7 +348,12 @@ class MultiCropDataModule(LightningDataModule):
     def _image_folder(self) -> ImageFolder:
         hp = self.hparams
         try:
-            return ImageFolder(hp.root, with_labels=hp.knn_monitor, on_bad_image=hp.on_bad_image)
+            return ImageFolder(
+                hp.root,
+                with_labels=hp.knn_monitor,
+                on_bad_image=hp.on_bad_image,
+                max_image_pixels=hp.max_image_pixels,
+            )
         except ValueError as error:
             if not hp.knn_monitor or "with_labels" not in str(error):
                 raise
@@ -392,16 +401,18 @@ class MultiCropDataModule(LightningDataModule):
         if self.train_dataset is None:
             self.setup("validate")
         batch_size = self.hparams.val_batch_size or self.hparams.batch_size
+        sources = (self.knn_bank_dataset, self.knn_query_dataset)
+        datasets = [EvalDataset(source, self.eval_transform) for source in sources]
         return [
             DataLoader(
-                EvalDataset(dataset, self.eval_transform),
+                dataset,
                 batch_size=batch_size,
-                shuffle=False,
+                sampler=ShardedEvalSampler(dataset),  # every sample once, also under DDP
                 collate_fn=collate_eval,
                 drop_last=False,
                 **self._loader_options(),
             )
-            for dataset in (self.knn_bank_dataset, self.knn_query_dataset)
+            for dataset in datasets
         ]
 
     def state_dict(self) -> dict[str, Any]:

@@ -46,9 +46,12 @@ IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 
 def to_rgb_array(image: Any) -> np.ndarray:
-    """A uint8 [H, W, 3] array from an RGB/grayscale numpy array or a PIL image (grayscale replicated)."""
+    """A uint8 [H, W, 3] array from an RGB/grayscale numpy array or a PIL image (grayscale replicated; PIL images
+    of any mode as ``dinov3_pl.data.decode.image_to_rgb`` converts them: 16 bit scaled, alpha over white)."""
     if not isinstance(image, np.ndarray):
-        image = np.asarray(image.convert("RGB"))
+        from dinov3_pl.data.decode import image_to_rgb
+
+        image = image_to_rgb(image)
     if image.dtype != np.uint8:
         raise ValueError(f"expected a uint8 image, got dtype {image.dtype}")
     if image.ndim == 2:

@@ -422,9 +422,13 @@ class DINOSSLModule(L.LightningModule):
         self.skipped_steps += 1
         self.log("train/skipped_steps", self.skipped_steps.float(), rank_zero_only=True)
         if self.consecutive_bad_steps >= self.hparams.max_consecutive_bad_steps:
-            callback = self.trainer.checkpoint_callback
-            good = getattr(callback, "last_good_checkpoint", None) or getattr(callback, "last_model_path", None)
-            where = f"resume from {good}" if good else "no checkpoint was written before; restart"
+            first_bad_step = self._step - self.consecutive_bad_steps + 1
+            # dinov3_pl.checkpointing.SafeModelCheckpoint (the CLI's) knows the newest checkpoint of a healthy state.
+            good = [getattr(c, "last_good_checkpoint", None) for c in self.trainer.checkpoint_callbacks]
+            good = [path for path in good if path]
+            where = (
+                f"resume from {good[0]}" if good else f"resume from a checkpoint written before step {first_bad_step}"
+            )
             raise FloatingPointError(
                 f"{self.consecutive_bad_steps} consecutive optimizer steps skipped at step {self._step}, the last for "
                 f"a {self._skip_reason}; stopping. Skipped steps leave the weights as they were: {where} with a lower "
@@ -480,7 +484,10 @@ class DINOSSLModule(L.LightningModule):
         self._knn_has_queries |= dataloader_idx == 1
 
     def on_validation_epoch_end(self) -> None:
-        if self._knn is not None and self._knn_has_queries:
+        saw_queries = torch.tensor(float(self._knn_has_queries), device=self.device)
+        if self.trainer.world_size > 1:  # the sharded kNN search needs every rank, so all must agree to compute
+            saw_queries = self.trainer.strategy.reduce(saw_queries, reduce_op="max")
+        if self._knn is not None and bool(saw_queries):
             self.log_dict({f"knn/{k}": v for k, v in self._knn.compute().items()}, sync_dist=False)
 
     # ------------------------------------------------------------------------------------------------ checkpoints
