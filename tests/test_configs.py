@@ -43,3 +43,25 @@ def test_console_script_exits_zero_after_a_successful_run(monkeypatch):
     assert script.value == "dinov3_pl.cli:console_main"
     monkeypatch.setattr(cli, "main", lambda args=None: object())
     assert cli.console_main() is None
+
+
+def _printed_config(*configs: str) -> dict:
+    import contextlib
+    import io
+
+    import yaml
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed), pytest.raises(SystemExit):
+        cli_main(["fit", *[arg for config in configs for arg in ("--config", config)], "--print_config"])
+    return yaml.safe_load(printed.getvalue())
+
+
+def test_7b_derived_recipes_count_upstream_epochs_of_1000_iterations():
+    """Upstream's 7B configs (pretrain, gram_anchor) set OFFICIAL_EPOCH_LENGTH = 1000, not the IN-1k recipe's 1250:
+    the last layer is frozen 5 epochs, the Gram weight ramps over 1 epoch, refreshes are 10_000 iterations apart."""
+    model = _printed_config("configs/pretrain/vitl16_lvd.yaml", "configs/pretrain/gram_anchoring.yaml")["model"]
+    optim, gram = model["init_args"]["optim"], model["init_args"]["gram"]
+    assert optim["freeze_last_layer_steps"] == 5 * 1000
+    assert gram["ramp_steps"] == 1 * 1000
+    assert gram["first_refresh_step"] - gram["start_step"] == gram["refresh_every"] == 10_000

@@ -119,7 +119,7 @@ class GramConfig:
     enabled: bool = False
     weight: float = 2.0
     start_step: int = 0
-    ramp_steps: int = 1_250
+    ramp_steps: int = 1_000  # one epoch of the 7B configs (OFFICIAL_EPOCH_LENGTH 1000)
     local_dino_weight_end: float = 0.5
     teacher_weights: str | None = None
     first_refresh_step: int | None = None
