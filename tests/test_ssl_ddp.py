@@ -1,6 +1,12 @@
 """Real 2-process DDP runs (gloo, CPU) of the demo pretraining recipe: a short run, and exact resume on an
 epoch boundary and inside an epoch."""
 
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
 import lightning as L
 import torch
 
@@ -42,37 +48,35 @@ def test_two_process_ddp_run_of_the_demo_recipe(tmp_path):
     assert "knn/top1_k10" in cli.trainer.callback_metrics  # the online kNN monitor ran across both ranks
 
 
-def _ddp_fit(root, *extra: str) -> dict:
-    """A 2-process run: 100 images, 50 per rank, batches of 16 -> 3 per epoch, cut to 2 by limit_train_batches; 3
-    epochs. Returns its newest last checkpoint (a run that resumes into a folder holding last.ckpt writes
-    last-v1.ckpt, which ``--ckpt_path last`` picks)."""
-    fixed = ("--trainer.max_epochs", "--trainer.max_steps", "--model.init_args.optim.total_steps")
-    cli_main(
-        [arg for arg in cli_args(root) if not arg.startswith(fixed)]
-        + [
-            *TWO_CPU_PROCESSES,
-            "--trainer.max_epochs=3",
-            "--trainer.limit_train_batches=2",
-            "--model.init_args.optim.total_steps=6",  # the same schedules whether interrupted or not
-            "--data.init_args.num_samples=100",
-            "--data.init_args.knn_monitor=false",
-            *extra,
-        ]
-    )
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _newest_last_checkpoint(root: Path) -> dict:
+    """A run that resumes into a folder holding last.ckpt writes last-v1.ckpt, which ``--ckpt_path last`` picks."""
     newest = max((root / "checkpoints").glob("last*.ckpt"), key=lambda path: path.stat().st_mtime_ns)
     return torch.load(newest, map_location="cpu", weights_only=True)
 
 
 def test_two_process_resume_on_an_epoch_boundary_and_inside_an_epoch_is_exact(tmp_path):
-    """Stopped by max_steps on an epoch boundary (step 2) and inside an epoch (step 3), resumed with --ckpt_path
-    last: both ranks continue with exactly the samples they had not trained, so student, teacher and AdamW state
-    equal the uninterrupted run's."""
-    straight = _ddp_fit(tmp_path / "straight")
+    """Two processes launched as torchrun launches them (tests/ddp_resume_worker.py), 3 epochs of 2 steps, stopped
+    by max_steps on an epoch boundary (step 2) and inside an epoch (step 3), resumed with --ckpt_path last: both
+    ranks continue with exactly the samples they had not trained, so student, teacher, AdamW state and the data
+    position equal the uninterrupted run's."""
+    stops = (2, 3)
+    environment = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2"}
+    command = [sys.executable, "-m", "tests.ddp_resume_worker", str(tmp_path), *map(str, stops)]
+    ranks = [
+        subprocess.Popen(command, env={**environment, "RANK": str(rank), "LOCAL_RANK": str(rank)}, cwd=Path.cwd())
+        for rank in range(2)
+    ]
+    assert [process.wait(timeout=600) for process in ranks] == [0, 0]
+    straight = _newest_last_checkpoint(tmp_path / "straight")
     assert straight["global_step"] == 6
-    for stop in (2, 3):
-        root = tmp_path / f"stopped_after_{stop}"
-        assert _ddp_fit(root, f"--trainer.max_steps={stop}")["global_step"] == stop
-        resumed = _ddp_fit(root, "--ckpt_path=last")
+    for stop in stops:
+        resumed = _newest_last_checkpoint(tmp_path / f"stopped_after_{stop}")
         assert resumed["global_step"] == 6
         assert resumed["MultiCropDataModule"] == straight["MultiCropDataModule"]
         assert straight["state_dict"].keys() == resumed["state_dict"].keys()
