@@ -16,7 +16,9 @@
   boundary: it writes the ``last`` checkpoint there (the same save as ``every_n_train_steps``, so resuming is exact)
   and exits with status 128 + the signal number (143 for SIGTERM, 138 for SIGUSR1), the shell's code for "ended by
   that signal": the run is not finished, and schedulers that restart failed jobs (Kubernetes, torchelastic) resume
-  it. Lightning alone saves on SIGUSR1 only under SLURM auto-requeue, and on SIGTERM it stops without saving.
+  it. A second signal before that boundary gets the signal's default action (a hung run stays killable). The
+  signal waits for a training step to end: one that arrives during validation is acted on after it. Lightning
+  alone saves on SIGUSR1 only under SLURM auto-requeue, and on SIGTERM it stops without saving.
 - **``ckpt_path="last"`` skips unreadable files.** Candidates are the ``last*.ckpt`` files of the folder, newest
   written first (modification time; among equal times the higher ``-vN``), then every other ``*.ckpt`` of the folder
   by the same order. The first one that reads back (``checkpoint_problem``) is used; each skipped one is named in a
@@ -254,6 +256,11 @@ class SafeModelCheckpoint(ModelCheckpoint):
     def _on_signal(self, signum: int, frame: Any) -> None:
         if self._received_signal is None:
             self._received_signal = signum
+            return
+        # A second signal while the first waits for a step boundary: a hung run (a stuck collective) must still be
+        # killable, so it gets the signal's default action.
+        signal.signal(signum, signal.SIG_DFL)
+        signal.raise_signal(signum)
 
     def _restore_signal_handlers(self) -> None:
         for signum, handler in self._previous_handlers.items():

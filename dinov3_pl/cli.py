@@ -138,14 +138,17 @@ def _class_of(annotation: Any) -> type | None:
     return next((c for c in candidates if inspect.isclass(c) and c is not type(None)), None)
 
 
+def _initials(name: str) -> str:
+    return "".join(word[0] for word in name.split("_") if word)
+
+
 def _closest(name: str, valid: list[str]) -> str | None:
-    """The valid name the user most likely meant: an abbreviation by initials (``lr`` for ``learning_rate``), else
-    difflib's closest."""
-    initials = "".join(word[0] for word in name.split("_") if word)
+    """The valid name the user most likely meant: the same name in another case, an abbreviation by initials either
+    way (``lr`` for ``learning_rate``: difflib rates those two 0.27), else difflib's closest."""
     for candidate in valid:
-        if candidate.lower() == name.lower() or (len(initials) > 1 and candidate == initials):
+        if candidate.lower() == name.lower():
             return candidate
-        if "_" in candidate and "".join(w[0] for w in candidate.split("_") if w) == name:
+        if ("_" in name and candidate == _initials(name)) or ("_" in candidate and _initials(candidate) == name):
             return candidate
     matches = difflib.get_close_matches(name, valid, n=1, cutoff=0.6)
     return matches[0] if matches else None

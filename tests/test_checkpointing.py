@@ -11,11 +11,13 @@ import struct
 import subprocess
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.strategies import DDPStrategy
 from torch.utils.data import DataLoader, TensorDataset
 
 from dinov3_pl.checkpointing import (
@@ -318,6 +320,38 @@ def test_sigusr1_writes_last_at_the_step_boundary_and_the_resume_trains_the_rest
     resumed = tiny_trainer(tmp_path, [SafeModelCheckpoint(dirpath=folder, save_last=True), Count()], max_steps=6)
     resumed.fit(TinyRegression(), ckpt_path="last")
     assert trained == [4, 5, 6]
+
+
+def test_a_second_signal_gets_its_default_action(monkeypatch):
+    """A run hung in a collective never reaches a step boundary: a second SIGTERM must still end it."""
+    calls = []
+    monkeypatch.setattr(signal, "signal", lambda signum, handler: calls.append(("handler", signum, handler)))
+    monkeypatch.setattr(signal, "raise_signal", lambda signum: calls.append(("raise", signum)))
+    callback = SafeModelCheckpoint()
+    callback._on_signal(signal.SIGTERM, None)
+    assert callback._received_signal == signal.SIGTERM and calls == []
+    callback._on_signal(signal.SIGTERM, None)
+    assert calls == [("handler", signal.SIGTERM, signal.SIG_DFL), ("raise", signal.SIGTERM)]
+
+
+class SignalRank1AtStep2(L.Callback):
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_rank == 1 and trainer.global_step == 2:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+
+@pytest.mark.slow
+def test_a_signal_to_one_ddp_process_stops_every_process_at_the_same_step(tmp_path):
+    """Two CPU processes (gloo); only rank 1 gets SIGUSR1. Both must save together (the save is collective) and
+    stop: each process exits with 138, which ddp_spawn reports as the failure of its processes."""
+    folder = tmp_path / "checkpoints"
+    callback = SafeModelCheckpoint(dirpath=folder, save_last=True, save_top_k=0)
+    # A gloo timeout turns a rank left alone in the save's barrier into an error instead of a hang.
+    strategy = DDPStrategy(start_method="spawn", timeout=timedelta(seconds=60))
+    trainer = tiny_trainer(tmp_path, [callback, SignalRank1AtStep2()], max_steps=6, devices=2, strategy=strategy)
+    with pytest.raises(Exception, match="exit code 138"):
+        trainer.fit(TinyRegression())
+    assert step_of(folder / "last.ckpt") == 3
 
 
 class SlowSteps(L.Callback):
