@@ -83,7 +83,7 @@ class _Leaf:
 
 
 def _leaves(message: str) -> list[_Leaf]:
-    """Splits jsonargparse's indented error report into its failures (its format, checked with jsonargparse 4.4x)."""
+    """Splits jsonargparse's indented error report into its failures (its format as of jsonargparse 4.53)."""
     stack: list[tuple[int, str, str]] = []  # (indent, "key" | "class", value)
     leaves: list[_Leaf] = []
     for raw in message.splitlines():
