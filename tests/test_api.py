@@ -124,3 +124,11 @@ def test_importing_one_submodule_stays_cheap_and_cycle_free():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+def test_every_import_line_of_the_readme_runs():
+    """The README's Python examples import from the packages; each of those lines must work as written."""
+    lines = [line.strip() for line in README.read_text().splitlines() if line.strip().startswith("from dinov3_pl")]
+    assert len(lines) >= 3
+    for line in lines:
+        exec(line, {})  # noqa: S102 - the README's own import statements

@@ -396,7 +396,9 @@ def test_sigterm_to_a_cli_fit_writes_a_checkpoint_that_resumes_exactly(tmp_path)
         "--trainer.callbacks+=tests.test_checkpointing.SlowSteps",
         f"--trainer.callbacks.marker={marker}",
     ]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # same thread count as this process: bit-exact sums
+    # The subprocess must sum with as many threads as this process (which an earlier test may have changed), or the
+    # resumed weights differ from the straight run's in the last bits.
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(torch.get_num_threads())}
     fit = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while not (marker.exists() and marker.read_text() == "2"):
