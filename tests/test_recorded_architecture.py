@@ -113,3 +113,36 @@ def test_no_recorded_architecture_needs_an_arch(tmp_path):
     with pytest.raises(ValueError, match="arch is required: no weights were given"):
         DINOv3Backbone(None)
     assert DINOv3Backbone(ARCH, weights=tmp_path / "timm.pth", **RECORDED).timm_overrides == RECORDED
+
+
+def test_the_checkpoint_records_which_backbone_to_evaluate_and_export(tmp_path):
+    """The record's prefix decides which sub-module is the backbone (a frozen-teacher run evaluates its student, not
+    the untrained teacher a fixed prefix list would pick); other recorded backbones are picked by name."""
+    torch.manual_seed(0)
+    teacher, student = DINOv3Backbone(ARCH, **RECORDED), DINOv3Backbone(ARCH, **RECORDED)
+    record = {"arch": ARCH, "timm_overrides": RECORDED}
+    checkpoint = {
+        "state_dict": {
+            **{f"teacher.backbone.{k}": v for k, v in teacher.state_dict().items()},
+            **{f"student_ema.backbone.{k}": v for k, v in student.state_dict().items()},
+        },
+        "backbone_config": {**record, "prefix": "student_ema.backbone."},
+        "backbone_configs": {
+            "student": {**record, "prefix": "student_ema.backbone."},
+            "teacher": {**record, "prefix": "teacher.backbone."},
+        },
+    }
+    path = tmp_path / "distilled.ckpt"
+    torch.save(checkpoint, path)
+    for built, expected in (
+        (build_backbone(None, path), student),
+        (DINOv3Backbone(None, weights=str(path)), student),
+        (build_backbone(None, path, backbone_name="teacher"), teacher),
+    ):
+        for key, value in expected.state_dict().items():
+            assert torch.equal(built.state_dict()[key], value), key
+    with pytest.raises(ValueError, match="records no backbone named 'vitb' \\(it records student, teacher\\)"):
+        build_backbone(None, path, backbone_name="vitb")
+    torch.save({**checkpoint, "backbone_config": {**record, "prefix": "missing."}}, path)
+    with pytest.raises(ValueError, match="records its backbone under 'missing.' but holds no such keys"):
+        build_backbone(None, path)

@@ -32,6 +32,8 @@ if TYPE_CHECKING:
     from dinov3_pl.models.backbone import DINOv3Backbone
 
 __all__ = [
+    "recorded_backbones",
+    "select_backbone",
     "build_backbone",
     "detect_format",
     "load_backbone_weights",
@@ -43,8 +45,9 @@ __all__ = [
 FORMATS = ("upstream", "huggingface", "timm", "dinov3_pl")
 _HF_WEIGHTS = "model.safetensors"
 _HF_INDEX = "model.safetensors.index.json"
-# Where the backbone sits inside a training checkpoint, in order of preference: the EMA teacher is the model
-# that upstream evaluates and releases; the student is only used when nothing else is there.
+# Where the backbone sits inside a training checkpoint that does not record it (a dinov3-pl .ckpt records it as
+# backbone_config["prefix"]), in order of preference: the EMA teacher is the model that upstream evaluates and
+# releases; the student is only used when nothing else is there.
 _BACKBONE_PREFIXES = ("teacher.backbone.", "model_ema.backbone.", "backbone.", "student.backbone.")
 # timm overrides that may be given over a dinov3-pl .ckpt although it does not record them: they change no parameter
 # and nothing the loaded network computes. img_size only sets timm's nominal grid; DINOv3Backbone builds timm with
@@ -149,7 +152,13 @@ def _unwrap(checkpoint: Mapping[str, Any]) -> tuple[dict[str, Tensor], dict[str,
     }  # DDP wraps keys in "module."
     if not state_dict:
         raise ValueError(f"no tensors found in the checkpoint (top-level keys: {_describe(checkpoint)})")
-    for prefix in _BACKBONE_PREFIXES:
+    recorded_prefix = (_recorded_config(checkpoint) or {}).get("prefix")
+    if recorded_prefix is not None and not any(key.startswith(recorded_prefix) for key in state_dict):
+        raise ValueError(
+            f"the checkpoint records its backbone under {recorded_prefix!r} but holds no such keys "
+            f"({_describe(state_dict)})"
+        )
+    for prefix in [recorded_prefix] if recorded_prefix is not None else _BACKBONE_PREFIXES:
         if any(key.startswith(prefix) for key in state_dict):
             state_dict = {key[len(prefix) :]: value for key, value in state_dict.items() if key.startswith(prefix)}
             break
@@ -303,10 +312,34 @@ def _fill_zero_biases(out: dict[str, Tensor], target_keys: set[str]) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ recorded arch
+# A dinov3-pl .ckpt records the backbone to evaluate and export under "backbone_config":
+#   {"arch": timm name, "timm_overrides": {...}, "prefix": its state-dict prefix, e.g. "teacher.backbone."}
+# and, when it holds several (a distillation run's students), every one of them by name under "backbone_configs".
 def _recorded_config(checkpoint: Mapping[str, Any] | None) -> dict[str, Any] | None:
-    """The ``backbone_config`` a dinov3-pl ``.ckpt`` records (``{"arch", "timm_overrides"}``), else ``None``."""
+    """The ``backbone_config`` a dinov3-pl ``.ckpt`` records (``{"arch", "timm_overrides", "prefix"}``), else
+    ``None``."""
     recorded = checkpoint.get("backbone_config") if checkpoint is not None else None
     return recorded if isinstance(recorded, Mapping) and recorded.get("arch") else None
+
+
+def recorded_backbones(checkpoint: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Every backbone a dinov3-pl ``.ckpt`` records, by name (``{}`` for other files)."""
+    named = checkpoint.get("backbone_configs")
+    if isinstance(named, Mapping) and named:
+        return {str(name): dict(record) for name, record in named.items()}
+    default = _recorded_config(checkpoint)
+    return {"default": dict(default)} if default is not None else {}
+
+
+def select_backbone(checkpoint: Mapping[str, Any], name: str | None) -> Mapping[str, Any]:
+    """``checkpoint`` with the backbone recorded as ``name`` as its backbone (``None``: the recorded default)."""
+    if name is None:
+        return checkpoint
+    recorded = recorded_backbones(checkpoint)
+    if name not in recorded:
+        known = ", ".join(sorted(recorded)) or "none: it is not a dinov3-pl checkpoint"
+        raise ValueError(f"the checkpoint records no backbone named {name!r} (it records {known})")
+    return {**checkpoint, "backbone_config": recorded[name]}
 
 
 def _rebuild_hint(recorded: Mapping[str, Any]) -> str:
@@ -455,15 +488,25 @@ def _check_rope(backbone: DINOv3Backbone, periods: Tensor | None, hf_config: dic
 
 
 def build_backbone(
-    arch: str | None = None, weights: str | Path | Mapping[str, Any] | None = None, **overrides: Any
+    arch: str | None = None,
+    weights: str | Path | Mapping[str, Any] | None = None,
+    *,
+    backbone_name: str | None = None,
+    **overrides: Any,
 ) -> DINOv3Backbone:
     """Builds a ``DINOv3Backbone`` and loads ``weights``.
 
-    Given a dinov3-pl ``.ckpt`` (which records ``backbone_config = {"arch", "timm_overrides"}``), ``arch`` may be
-    left out: the recorded architecture is rebuilt (see :func:`resolve_recorded_architecture` for the overrides
-    that may still be given). ``overrides`` also take ``DINOv3Backbone``'s own options (``drop_path_rate``, ...).
+    Given a dinov3-pl ``.ckpt`` (which records ``backbone_config = {"arch", "timm_overrides", "prefix"}``),
+    ``arch`` may be left out: the recorded architecture is rebuilt (see :func:`resolve_recorded_architecture` for
+    the overrides that may still be given); ``backbone_name`` picks another recorded backbone than the default
+    (see :func:`recorded_backbones`). ``overrides`` also take ``DINOv3Backbone``'s own options
+    (``drop_path_rate``, ...).
     """
     from dinov3_pl.models.backbone import DINOv3Backbone
 
     checkpoint = read_checkpoint(weights) if isinstance(weights, str | Path) else weights
+    if backbone_name is not None:
+        if checkpoint is None:
+            raise ValueError(f"backbone_name={backbone_name!r} needs weights: a dinov3-pl .ckpt that records it")
+        checkpoint = select_backbone(checkpoint, backbone_name)
     return DINOv3Backbone(arch, weights=checkpoint, **overrides)

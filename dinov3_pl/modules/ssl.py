@@ -498,9 +498,16 @@ class DINOSSLModule(L.LightningModule):
             if dataclasses.is_dataclass(value):
                 hyper_parameters[key] = dataclasses.asdict(value)
         # Lets `DINOv3Backbone(weights=run.ckpt)` and the eval modules rebuild the teacher backbone from the file.
-        # Read from the built backbone: continuing from a .ckpt with arch null fills in the recorded architecture.
+        # What `DINOv3Backbone(None, weights=run.ckpt)`, the eval modules and export rebuild: the EMA teacher by
+        # default, the student by name. Read from the built backbone: continuing from a .ckpt with arch null fills
+        # in the recorded architecture.
         backbone = self.student.backbone
-        checkpoint["backbone_config"] = {"arch": backbone.arch, "timm_overrides": dict(backbone.timm_overrides)}
+        record = {"arch": backbone.arch, "timm_overrides": dict(backbone.timm_overrides)}
+        checkpoint["backbone_config"] = {**record, "prefix": "teacher.backbone."}
+        checkpoint["backbone_configs"] = {
+            "teacher": checkpoint["backbone_config"],
+            "student": {**record, "prefix": "student.backbone."},
+        }
         checkpoint["bad_images_total"] = self._bad_images["run"]
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
