@@ -14,6 +14,9 @@ Checkpoints are written by ``SafeModelCheckpoint`` (configured under ``checkpoin
 model's ``output`` file (``features.pt`` -> ``features.config.yaml``), the record of which weights and images made
 those features, and nowhere when the model names no output file; the other subcommands save ``config.yaml`` in the
 run's log folder, as Lightning does.
+
+``dinov3-pl export WEIGHTS --format {ckpt,timm,hf} --out PATH`` writes one backbone as a slim checkpoint, a timm
+state dict or a Hugging Face folder (``dinov3_pl.export``, docs/export.md).
 """
 
 from __future__ import annotations
@@ -331,9 +334,19 @@ def main(args: list[str] | None = None) -> DINOv3CLI:
     return DINOv3CLI(args=args)
 
 
-def console_main() -> None:
-    """The ``dinov3-pl`` console script: exit status 0 on success (a returned object would become status 1)."""
-    main()
+def console_main(args: list[str] | None = None) -> None:
+    """The ``dinov3-pl`` console script: exit status 0 on success (a returned object would become status 1).
+
+    ``dinov3-pl export ...`` is dispatched before LightningCLI parses anything (``dinov3_pl.export``: it builds no
+    model or trainer); every other command line goes to LightningCLI untouched.
+    """
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv[:1] == ["export"]:
+        from dinov3_pl.export import main as export_main
+
+        export_main(argv[1:])
+        return
+    main(args)
 
 
 if __name__ == "__main__":
