@@ -152,14 +152,20 @@ def test_teacher_temperature_warmup_used_in_targets():
 
 def test_softmax_centering_option_updates_the_centre():
     module = make_module(loss=LossConfig(centering="softmax"))
-    assert torch.count_nonzero(module.dino_center.center) == 0
+    assert torch.count_nonzero(module.teacher.dino_center.center) == 0
     losses = module.compute_losses(make_batch(), step=0)
     assert torch.isfinite(losses["loss"])
-    assert torch.count_nonzero(module.dino_center.center) > 0 and torch.count_nonzero(module.ibot_center.center) > 0
+    centers = module.teacher.dino_center.center, module.teacher.ibot_center.center
+    assert all(torch.count_nonzero(center) > 0 for center in centers)
 
 
 def test_checkpoint_records_the_backbone_config():
     module = make_module()
     checkpoint = {}
     module.on_save_checkpoint(checkpoint)
-    assert checkpoint["backbone_config"] == {"arch": "vit_small_patch16_dinov3", "timm_overrides": TINY}
+    record = {"arch": "vit_small_patch16_dinov3", "timm_overrides": TINY}
+    assert checkpoint["backbone_config"] == {**record, "prefix": "teacher.backbone."}
+    assert checkpoint["backbone_configs"] == {
+        "teacher": {**record, "prefix": "teacher.backbone."},
+        "student": {**record, "prefix": "student.backbone."},
+    }

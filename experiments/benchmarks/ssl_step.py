@@ -115,7 +115,7 @@ def main() -> None:
         with autocast:
             loss = module.compute_losses(batch, step=STEP)["loss"]
         loss.backward()
-        clip_grad_norm_per_module(module.student, 3.0)
+        clip_grad_norm_per_module(module.student.trained_modules(), 3.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         module._update_teacher(0.996)
@@ -129,11 +129,9 @@ def main() -> None:
         bare_optimizer.step()
         bare_optimizer.zero_grad(set_to_none=True)
 
-    mask_rows = batch["masks"].flatten().nonzero().squeeze(-1)  # as compute_losses selects them
-
     def teacher_step() -> None:  # the part of the full step a bare backbone step has no counterpart for
         with autocast:
-            module._teacher_targets(batch["global_crops"], mask_rows, module.teacher_temperature_schedule(STEP))
+            module.teacher.targets(batch["global_crops"], batch["masks"], module.teacher_temperature_schedule(STEP))
 
     def timed(step) -> float:
         if device.type == "cuda":

@@ -1,0 +1,417 @@
+"""PretrainingModule: what every pretraining or distillation method of dinov3-pl shares, so a method is small.
+
+A method (``DINOSSLModule``, ``DistillationModule``, ``FeatureDistillationModule``, or your own) subclasses it and
+provides four things:
+
+- ``trained_modules()``: the modules the optimizer trains, by *owner* (a student): ``{owner: {"backbone": ...,
+  "dino_head": ...}}``. Each owner has its own schedules (``owner_optim(owner)``); each module is clipped on its
+  own (upstream's per-module clipping); layer-wise LR decay applies to the module named ``"backbone"``.
+- ``compute_losses(batch, step)``: the loss terms and their weighted sum under ``"loss"``.
+- ``after_optimizer_step(step)``: what follows a successful optimizer step (EMA updates).
+- ``eval_backbones()``: ``{name: state-dict prefix}`` of the backbones to monitor, evaluate and export; the first
+  is the default one a checkpoint records.
+
+Everything else is done here, the same way for every method:
+
+- one AdamW over all owners' parameter groups (upstream's groups; LR and weight decay set at every optimizer step
+  from each owner's schedules, warm-up/freeze phases longer than the run halved with one warning);
+- each batch's randomness seeded from (run seed, step, rank, micro-batch): exact resume, different draws per rank
+  and per micro-batch of an accumulated step; ``ExactResume`` installed;
+- a non-finite loss on any micro-batch, or a non-finite gradient norm, drops the whole optimizer step (no AdamW
+  step, no ``after_optimizer_step``), checkpoints are vetoed while steps are skipped, and too many in a row stop
+  the run with an error naming the last good checkpoint;
+- undecodable images totalled per epoch; schedules, throughput and memory logged; an online kNN monitor of every
+  eval backbone on the DataModule's ``[bank, queries]`` validation loaders;
+- the checkpoint records its backbones (``backbone_config`` / ``backbone_configs``) so that ``arch: null``
+  evaluation and ``dinov3-pl export`` rebuild them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor, nn
+
+from dinov3_pl.modules.ssl_config import OptimConfig
+from dinov3_pl.optim import build_param_groups, clip_grad_norm_per_module
+from dinov3_pl.schedules import ConstantSchedule, CosineSchedule, Schedule
+
+__all__ = ["PretrainingModule", "NUM_GLOBAL_CROPS", "backbone_record"]
+
+NUM_GLOBAL_CROPS = 2
+
+
+def backbone_record(backbone: nn.Module, prefix: str) -> dict[str, Any]:
+    """What a checkpoint records to rebuild ``backbone`` (found under ``prefix`` in its state dict)."""
+    from dinov3_pl.models.backbone import DINOv3Backbone
+
+    record = {"arch": backbone.arch, "timm_overrides": dict(backbone.timm_overrides), "prefix": prefix}
+    if not isinstance(backbone, DINOv3Backbone):
+        record["kind"] = "timm"
+    return record
+
+
+class PretrainingModule(L.LightningModule):
+    """The shared base of pretraining and distillation methods (see the module docstring for the contract).
+
+    Args:
+        max_consecutive_bad_steps: optimizer steps dropped in a row (non-finite loss or gradient) before training
+            stops with an error; dropped steps leave the weights untouched.
+        knn_ks, knn_temperature: the online kNN monitor on the DataModule's labelled validation loaders.
+    """
+
+    def __init__(self, max_consecutive_bad_steps: int = 10, knn_ks=(10, 20), knn_temperature: float = 0.07) -> None:
+        super().__init__()
+        self.max_consecutive_bad_steps = max_consecutive_bad_steps
+        self.knn_ks, self.knn_temperature = tuple(knn_ks), knn_temperature
+        self.consecutive_bad_steps = 0
+        # Checkpointed, so a resumed run keeps the seed of the run it continues (see on_train_batch_start).
+        self.register_buffer("run_seed", torch.tensor(torch.initial_seed() % 2**62, dtype=torch.long))
+        self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long))
+        self._skip_reason: str | None = None  # why the current optimizer step is dropped (None: it is not)
+        self._step = 0  # the optimizer step the current batch trains (global_step moves on inside the batch)
+        self._bad_images = {"epoch": 0, "run": 0}  # undecodable images dropped by the DataModule
+        self._batch_start_time: float | None = None
+        self._knn: dict[str, Any] = {}
+        self._knn_has_queries = False
+
+    # ------------------------------------------------------------------------------------------------ the contract
+    def trained_modules(self) -> dict[str, dict[str, nn.Module]]:
+        """``{owner: {module name: module}}`` of everything the optimizer trains."""
+        raise NotImplementedError
+
+    def owner_optim(self, owner: str) -> OptimConfig:
+        """The AdamW options and schedules of ``owner``."""
+        raise NotImplementedError
+
+    def compute_losses(self, batch: dict, step: int) -> dict[str, Tensor]:
+        """All loss terms of one batch and their weighted sum under ``"loss"``."""
+        raise NotImplementedError
+
+    def after_optimizer_step(self, step: int) -> None:
+        """Called after every optimizer step that was not dropped (``step``: the step just taken)."""
+
+    def eval_backbones(self) -> dict[str, str]:
+        """``{name: state-dict prefix}`` of the backbones to evaluate and export; the first is the default."""
+        raise NotImplementedError
+
+    def monitored_backbones(self) -> list[str]:
+        """The eval backbones the online kNN monitor follows (default: the first)."""
+        return list(self.eval_backbones())[:1]
+
+    def schedule_values(self, step: int) -> dict[str, float]:
+        """Method-specific schedule values to log under ``schedule/`` (e.g. EMA momentum, teacher temperature)."""
+        return {}
+
+    # ------------------------------------------------------------------------------------------------ set-up
+    def configure_callbacks(self) -> list[L.Callback]:
+        from dinov3_pl.callbacks.resume import ExactResume
+
+        return [ExactResume()]
+
+    def setup(self, stage: str) -> None:
+        strategy = type(self.trainer.strategy).__name__ if self._trainer is not None else ""
+        if any(name in strategy for name in ("FSDP", "ModelParallel", "DeepSpeed")):
+            raise ValueError(
+                f"{type(self).__name__} does not support the {strategy}: its EMA updates, per-module gradient "
+                "clipping and exact resume are written for whole (unsharded) parameters and are not tested sharded. "
+                "Use trainer.strategy=ddp; for memory, backbone.grad_checkpointing=true and bf16-mixed precision"
+            )
+
+    def eval_backbone_module(self, name: str | None = None) -> nn.Module:
+        """The eval backbone recorded as ``name`` (default: the first of ``eval_backbones()``)."""
+        backbones = self.eval_backbones()
+        prefix = backbones[name] if name is not None else next(iter(backbones.values()))
+        return self.get_submodule(prefix.rstrip("."))
+
+    @property
+    def eval_backbone(self) -> nn.Module:
+        """The default backbone to evaluate and to export."""
+        return self.eval_backbone_module()
+
+    def _total_steps(self, owner: str) -> int:
+        if self.owner_optim(owner).total_steps is not None:
+            return self.owner_optim(owner).total_steps
+        total = self.trainer.estimated_stepping_batches
+        if not math.isfinite(total):
+            raise ValueError("set optim.total_steps or trainer.max_steps/max_epochs: the schedules need a length")
+        return int(total)
+
+    def _global_batch_size(self) -> int:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        batch_size = getattr(datamodule, "batch_size", None) or getattr(datamodule, "hparams", {}).get("batch_size")
+        if batch_size is None:
+            raise ValueError("the DataModule must expose batch_size for the sqrt LR scaling rule (or lr_scaling: none)")
+        return int(batch_size) * self.trainer.world_size * self.trainer.accumulate_grad_batches
+
+    def _fit_phases_to_run(self, owner: str, total: int) -> dict[str, int]:
+        """LR warm-up and freeze lengths, each shortened to half the run when the run is shorter than it (smoke tests:
+        ``fast_dev_run``, ``max_steps`` of a few steps), with one warning naming the keys. A teacher-temperature
+        warm-up longer than the run is left as it is: it is a valid (if unusual) schedule."""
+        optim = self.owner_optim(owner)
+        phases = {
+            "optim.warmup_steps": optim.warmup_steps,
+            "optim.freeze_last_layer_steps": optim.freeze_last_layer_steps,
+            "optim.head_warmup_steps": optim.head_warmup_steps,
+        }
+        shortened = {key: total // 2 for key, steps in phases.items() if steps > total}
+        if shortened:
+            changes = ", ".join(f"{key} {phases[key]} -> {steps}" for key, steps in shortened.items())
+            whose = f" of {owner}" if len(self.trained_modules()) > 1 else ""
+            rank_zero_warn(
+                f"the run has {total} optimizer steps, fewer than some warm-up/freeze phases{whose} of the recipe; "
+                f"shortened to half the run: {changes} (set model.init_args.optim.total_steps to keep the recipe)"
+            )
+        return {**phases, **shortened}
+
+    def _build_owner_schedules(self, owner: str) -> dict[str, Any]:
+        optim, total = self.owner_optim(owner), self._total_steps(owner)
+        phases = self._fit_phases_to_run(owner, total)
+        scale = 4 * math.sqrt(self._global_batch_size() / 1024) if optim.lr_scaling == "sqrt_wrt_1024" else 1.0
+        warmup = phases["optim.warmup_steps"]
+        if optim.lr_schedule == "cosine":
+            # Upstream's IN-1k recipe (schedules v1, configs/config.py) scales the peak LR only, not min_lr.
+            lr: Schedule = CosineSchedule(optim.lr * scale, optim.min_lr, total, warmup)
+        else:
+            lr = ConstantSchedule(optim.lr * scale, warmup)
+        if optim.weight_decay_schedule == "cosine":
+            wd: Schedule = CosineSchedule(optim.weight_decay, optim.weight_decay_end, total)
+        else:
+            wd = ConstantSchedule(optim.weight_decay)
+        return {"lr": lr, "weight_decay": wd, "phases": phases, "total_steps": total}
+
+    def _build_schedules(self) -> None:
+        """Every owner's LR and weight-decay schedules, then the method's (``build_method_schedules``)."""
+        self.owner_schedules = {owner: self._build_owner_schedules(owner) for owner in self.trained_modules()}
+        self.build_method_schedules()
+
+    def build_method_schedules(self) -> None:
+        """Builds the method's own schedules (EMA momentum, teacher temperature, ...) once the run length is known."""
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        self._build_schedules()
+        groups, fused, betas = [], set(), set()
+        for owner, modules in self.trained_modules().items():
+            optim = self.owner_optim(owner)
+            backbone = modules.get("backbone")
+            if optim.layer_decay != 1.0 and not hasattr(getattr(backbone, "vit", None), "blocks"):
+                raise ValueError(
+                    f"optim.layer_decay={optim.layer_decay} of {owner!r} applies to DINOv3 ViT blocks; its backbone "
+                    f"{getattr(backbone, 'arch', type(backbone).__name__)} has none: set optim.layer_decay: 1.0"
+                )
+            for group in build_param_groups(
+                modules,
+                num_blocks=getattr(backbone, "depth", 0),
+                layer_decay=optim.layer_decay,
+                patch_embed_lr_mult=optim.patch_embed_lr_mult,
+            ):
+                groups.append({**group, "owner": owner, "betas": optim.betas})
+            fused.add(optim.fused)
+            betas.add(tuple(optim.betas))
+        if len(fused) > 1:
+            raise ValueError("every student must use the same optim.fused setting (they share one AdamW)")
+        optimizer = torch.optim.AdamW(groups, lr=0.0, betas=next(iter(betas)), fused=next(iter(fused)))
+        self._apply_schedules(optimizer, step=0)
+        return optimizer
+
+    def _apply_schedules(self, optimizer: torch.optim.Optimizer, step: int) -> None:
+        for group in optimizer.param_groups:
+            schedules = self.owner_schedules[group["owner"]]
+            phases = schedules["phases"]
+            frozen = (group["is_last_layer"] and step < phases["optim.freeze_last_layer_steps"]) or (
+                group["module"] == "backbone" and step < phases["optim.head_warmup_steps"]
+            )
+            # LR 0 (not zeroed gradients) freezes exactly: AdamW's decoupled decay is scaled by the LR too.
+            group["lr"] = 0.0 if frozen else schedules["lr"](step) * group["lr_multiplier"]
+            group["weight_decay"] = schedules["weight_decay"](step) * group["wd_multiplier"]
+
+    # ------------------------------------------------------------------------------------------------ step
+    def on_train_start(self) -> None:
+        self._run_seed = int(self.run_seed)  # read once: on a GPU every read of the buffer is a sync
+
+    def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
+        self._step = step = self.global_step
+        # Lightning accumulates gradients over windows of batch indices aligned to the epoch's start.
+        micro_batch = batch_idx % self.trainer.accumulate_grad_batches
+        # Drop path and RoPE rescaling draw from the global RNG. Seeding it from (run seed, step, rank[, micro-batch])
+        # makes every batch's randomness independent of what ran before, so a run resumed from any checkpoint is
+        # exact, ranks draw differently, and so do the micro-batches of one accumulated step.
+        key = (self._run_seed, step, self.global_rank) + ((micro_batch,) if micro_batch else ())
+        torch.manual_seed(hash(key) % 2**63)
+        if micro_batch == 0:  # once per optimizer step
+            self._skip_reason = None
+            self._apply_schedules(self.optimizers().optimizer, step)
+            self.on_optimizer_step_start(step)
+        self._batch_start_time = time.perf_counter()
+
+    def on_optimizer_step_start(self, step: int) -> None:
+        """Called once per optimizer step, before its first micro-batch (e.g. to refresh a Gram teacher)."""
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor | None:
+        self._bad_images["epoch"] += int(batch.get("num_bad_images", 0))
+        losses = self.compute_losses(batch, step=self._step)
+        total = losses["loss"]
+        if not self._all_ranks_finite(total):
+            # No backward; configure_gradient_clipping then drops the whole accumulated step.
+            self._skip_reason = f"non-finite loss (terms: { {k: float(v) for k, v in losses.items()} })"
+            return None
+        batch_size = batch["global_crops"].shape[0] // NUM_GLOBAL_CROPS
+        self.log_dict({f"train/{k}": v.detach() for k, v in losses.items()}, batch_size=batch_size, prog_bar=False)
+        self.log("train/loss_total", total.detach(), prog_bar=True, batch_size=batch_size)
+        return total
+
+    def _all_ranks_finite(self, value: Tensor) -> bool:
+        bad = (~torch.isfinite(value.detach())).float()
+        if self.trainer.world_size > 1:
+            bad = self.trainer.strategy.reduce(bad, reduce_op="max")
+        return not bool(bad)
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Runs between the (accumulated) backward passes and the optimizer step: clips, or drops the step."""
+        if self._skip_reason is None:
+            if gradient_clip_val is not None:  # Trainer(gradient_clip_val=...) asks for the global-norm clip
+                self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+                return
+            norms = {}
+            for owner, modules in self.trained_modules().items():
+                optim = self.owner_optim(owner)
+                # Upstream clips backbone and heads one by one; the option clips the owner's global norm instead.
+                groups = modules if optim.clip_per_module else {"all": nn.ModuleList(modules.values())}
+                prefix = f"{owner}/" if len(self.trained_modules()) > 1 else ""
+                norms.update({prefix + k: v for k, v in clip_grad_norm_per_module(groups, optim.clip_grad).items()})
+            self.log_dict({f"grad_norm/{k}": v for k, v in norms.items()}, rank_zero_only=True)
+            if norms and not bool(torch.isfinite(torch.stack(list(norms.values()))).all()):
+                self._skip_reason = f"non-finite gradient norm ({ {k: float(v) for k, v in norms.items()} })"
+        if self._skip_reason is not None:
+            # Without gradients AdamW leaves every parameter and its moments as they are (no decay either).
+            for modules in self.trained_modules().values():
+                for module in modules.values():
+                    for parameter in module.parameters():
+                        parameter.grad = None
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        if self._skip_reason is None:
+            self.consecutive_bad_steps = 0
+            self.after_optimizer_step(self._step)
+            return
+        # A dropped step: no AdamW update, no EMA. Training stops after too many in a row.
+        self.consecutive_bad_steps += 1
+        self.skipped_steps += 1
+        self.log("train/skipped_steps", self.skipped_steps.float(), rank_zero_only=True)
+        if self.consecutive_bad_steps >= self.max_consecutive_bad_steps:
+            first_bad_step = self._step - self.consecutive_bad_steps + 1
+            # dinov3_pl.checkpointing.SafeModelCheckpoint (the CLI's) knows the newest checkpoint of a healthy state.
+            good = [getattr(c, "last_good_checkpoint", None) for c in self.trainer.checkpoint_callbacks]
+            good = [path for path in good if path]
+            where = (
+                f"resume from {good[0]}" if good else f"resume from a checkpoint written before step {first_bad_step}"
+            )
+            raise FloatingPointError(
+                f"{self.consecutive_bad_steps} consecutive optimizer steps skipped at step {self._step}, the last for "
+                f"a {self._skip_reason}; stopping. Skipped steps leave the weights as they were: {where} with a lower "
+                "LR (model.init_args.optim.lr) or fix the data."
+            )
+
+    def checkpoint_veto(self) -> str | None:
+        """Why the current state must not be checkpointed (``None``: it may be). Asked by the checkpoint callback:
+        while steps are being skipped, the weights are those that led to non-finite losses or gradients."""
+        if self.consecutive_bad_steps:
+            return f"{self.consecutive_bad_steps} optimizer step(s) in a row were skipped ({self._skip_reason})"
+        return None
+
+    def on_train_batch_end(self, outputs: Any, batch: dict, batch_idx: int) -> None:
+        step = self._step  # the values this batch trained with (global_step has moved on after the step)
+        owners = self.owner_schedules
+        stats = {}
+        for owner, schedules in owners.items():
+            prefix = f"schedule/{owner}/" if len(owners) > 1 else "schedule/"
+            stats[prefix + "lr"] = schedules["lr"](step)
+            stats[prefix + "weight_decay"] = schedules["weight_decay"](step)
+        stats.update({f"schedule/{key}": value for key, value in self.schedule_values(step).items()})
+        if self._batch_start_time is not None:
+            seconds = time.perf_counter() - self._batch_start_time
+            images = batch["global_crops"].shape[0] // NUM_GLOBAL_CROPS * self.trainer.world_size
+            stats["throughput/images_per_s"] = images / max(seconds, 1e-9)
+        if torch.cuda.is_available() and self.device.type == "cuda":
+            stats["throughput/peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        self.log_dict(stats, rank_zero_only=True)
+
+    def on_train_epoch_end(self) -> None:
+        bad = self._bad_images["epoch"]
+        if self.trainer.world_size > 1:
+            bad = int(self.trainer.strategy.reduce(torch.tensor(bad, device=self.device), reduce_op="sum"))
+        self._bad_images = {"epoch": 0, "run": self._bad_images["run"] + bad}
+        self.log_dict({"data/bad_images_epoch": float(bad), "data/bad_images_total": float(self._bad_images["run"])})
+        if bad:
+            rank_zero_warn(
+                f"epoch {self.current_epoch}: skipped {bad} undecodable image(s) ({self._bad_images['run']} in this "
+                "run); the warnings above name the files, or set data.init_args.on_bad_image=raise to stop at the first"
+            )
+
+    # ------------------------------------------------------------------------------------------------ online kNN
+    def on_validation_epoch_start(self) -> None:
+        from dinov3_pl.metrics import KNNAccuracy
+
+        for name in self.monitored_backbones():
+            if name not in self._knn:
+                self._knn[name] = KNNAccuracy(ks=self.knn_ks, temperature=self.knn_temperature).to(self.device)
+            self._knn[name].reset()
+        self._knn_has_queries = False
+
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        """Online kNN monitor: loader 0 is the labelled bank, loader 1 the queries (CLS of each eval backbone)."""
+        for name in self.monitored_backbones():
+            features = self.eval_backbone_module(name)(batch["images"])["cls"]
+            self._knn[name].update(features, batch["labels"], bank=dataloader_idx == 0)
+        self._knn_has_queries |= dataloader_idx == 1
+
+    def on_validation_epoch_end(self) -> None:
+        saw_queries = torch.tensor(float(self._knn_has_queries), device=self.device)
+        if self.trainer.world_size > 1:  # the sharded kNN search needs every rank, so all must agree to compute
+            saw_queries = self.trainer.strategy.reduce(saw_queries, reduce_op="max")
+        if not self._knn or not bool(saw_queries):
+            return
+        several = len(self._knn) > 1
+        for name, metric in self._knn.items():
+            prefix = f"knn/{name}/" if several else "knn/"
+            self.log_dict({prefix + k: v for k, v in metric.compute().items()}, sync_dist=False)
+
+    # ------------------------------------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Dicts instead of dataclasses keep the checkpoint loadable with torch.load(weights_only=True).
+        hyper_parameters = checkpoint.get("hyper_parameters", {})
+        for key, value in hyper_parameters.items():
+            hyper_parameters[key] = _plain(value)
+        # What `DINOv3Backbone(None, weights=run.ckpt)`, the eval modules and export rebuild: the default eval
+        # backbone, the others by name. Read from the built backbones: a student continued from a .ckpt with
+        # arch null has the recorded architecture filled in.
+        records = {
+            name: backbone_record(self.get_submodule(prefix.rstrip(".")), prefix)
+            for name, prefix in self.eval_backbones().items()
+        }
+        checkpoint["backbone_config"] = next(iter(records.values()))
+        checkpoint["backbone_configs"] = records
+        checkpoint["bad_images_total"] = self._bad_images["run"]
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Not restored: consecutive_bad_steps (a resumed run, e.g. with a lower LR, starts counting afresh).
+        self._bad_images["run"] = int(checkpoint.get("bad_images_total", 0))
+
+
+def _plain(value: Any) -> Any:
+    """Dataclasses (also inside lists and dicts) as plain dicts."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    if isinstance(value, list | tuple):
+        return type(value)(_plain(item) for item in value)
+    if isinstance(value, Mapping):
+        return {key: _plain(item) for key, item in value.items()}
+    return value
