@@ -30,8 +30,12 @@ from torch import Tensor
 
 if TYPE_CHECKING:
     from dinov3_pl.models.backbone import DINOv3Backbone
+    from dinov3_pl.models.timm_backbone import TimmBackbone
 
 __all__ = [
+    "BACKBONE_KINDS",
+    "backbone_record",
+    "recorded_backbone_kind",
     "recorded_backbones",
     "select_backbone",
     "build_backbone",
@@ -43,6 +47,9 @@ __all__ = [
 ]
 
 FORMATS = ("upstream", "huggingface", "timm", "dinov3_pl")
+# What a recorded backbone is: "dinov3" a DINOv3Backbone (timm DINOv3 ViT + mask token), "timm" a TimmBackbone (any
+# timm model behind the same outputs).
+BACKBONE_KINDS = ("dinov3", "timm")
 _HF_WEIGHTS = "model.safetensors"
 _HF_INDEX = "model.safetensors.index.json"
 # Where the backbone sits inside a training checkpoint that does not record it (a dinov3-pl .ckpt records it as
@@ -313,7 +320,9 @@ def _fill_zero_biases(out: dict[str, Tensor], target_keys: set[str]) -> None:
 
 # ------------------------------------------------------------------------------------------------ recorded arch
 # A dinov3-pl .ckpt records the backbone to evaluate and export under "backbone_config":
-#   {"arch": timm name, "timm_overrides": {...}, "prefix": its state-dict prefix, e.g. "teacher.backbone."}
+#   {"arch": timm name, "timm_overrides": {...}, "prefix": its state-dict prefix, e.g. "teacher.backbone.",
+#    "kind": "dinov3" or "timm" (optional: without it, a timm DINOv3 ViT name is a DINOv3Backbone, any other a
+#    TimmBackbone)}
 # and, when it holds several (a distillation run's students), every one of them by name under "backbone_configs".
 def _recorded_config(checkpoint: Mapping[str, Any] | None) -> dict[str, Any] | None:
     """The ``backbone_config`` a dinov3-pl ``.ckpt`` records (``{"arch", "timm_overrides", "prefix"}``), else
@@ -331,6 +340,38 @@ def recorded_backbones(checkpoint: Mapping[str, Any]) -> dict[str, dict[str, Any
     return {"default": dict(default)} if default is not None else {}
 
 
+def backbone_record(backbone: Any, prefix: str) -> dict[str, Any]:
+    """The record a dinov3-pl ``.ckpt`` keeps for ``backbone`` (a ``DINOv3Backbone`` or ``TimmBackbone``) stored under
+    ``prefix`` (e.g. ``"student.backbone."``): ``{"arch", "timm_overrides", "prefix", "kind"}``."""
+    return {
+        "arch": backbone.arch,
+        "timm_overrides": dict(backbone.timm_overrides),
+        "prefix": prefix,
+        "kind": getattr(backbone, "kind", "dinov3"),
+    }
+
+
+def _is_dinov3_arch(arch: str) -> bool:
+    return "dinov3" in arch  # the timm DINOv3 ViTs: vit_*_patch16_dinov3*
+
+
+def recorded_backbone_kind(arch: str | None, checkpoint: Mapping[str, Any] | None) -> str:
+    """Which backbone class builds ``arch`` / ``checkpoint``: ``"dinov3"`` or ``"timm"`` (``BACKBONE_KINDS``).
+
+    A dinov3-pl ``.ckpt``'s record decides (its ``"kind"``, else its arch); without a record ``arch`` does: a timm
+    DINOv3 ViT name (or no name, which ``DINOv3Backbone`` then reports) is ``"dinov3"``, any other timm name ``"timm"``.
+    """
+    recorded = _recorded_config(checkpoint)
+    if recorded is not None:
+        kind = recorded.get("kind")
+        if kind is not None:
+            if kind not in BACKBONE_KINDS:
+                raise ValueError(f"the checkpoint records a backbone of unknown kind {kind!r}; known: {BACKBONE_KINDS}")
+            return str(kind)
+        arch = recorded["arch"]
+    return "dinov3" if arch is None or _is_dinov3_arch(arch) else "timm"
+
+
 def select_backbone(checkpoint: Mapping[str, Any], name: str | None) -> Mapping[str, Any]:
     """``checkpoint`` with the backbone recorded as ``name`` as its backbone (``None``: the recorded default)."""
     if name is None:
@@ -343,10 +384,12 @@ def select_backbone(checkpoint: Mapping[str, Any], name: str | None) -> Mapping[
 
 
 def _rebuild_hint(recorded: Mapping[str, Any]) -> str:
+    kind = recorded_backbone_kind(None, {"backbone_config": recorded})
+    backbone_class = "TimmBackbone" if kind == "timm" else "DINOv3Backbone"
     return (
         f"The checkpoint records its architecture (arch {recorded['arch']!r}, timm overrides "
         f"{dict(recorded.get('timm_overrides') or {})}): pass arch: null and drop backbone_kwargs "
-        "(in Python: DINOv3Backbone(None, weights=path) or build_backbone(None, path))."
+        f"(in Python: {backbone_class}(None, weights=path) or build_backbone(None, path))."
     )
 
 
@@ -356,7 +399,11 @@ def _comparable(value: Any) -> Any:
 
 
 def resolve_recorded_architecture(
-    arch: str | None, timm_overrides: Mapping[str, Any], checkpoint: Mapping[str, Any] | None
+    arch: str | None,
+    timm_overrides: Mapping[str, Any],
+    checkpoint: Mapping[str, Any] | None,
+    *,
+    defaults: Mapping[str, Any] | None = None,
 ) -> tuple[str, dict[str, Any]]:
     """The timm arch and overrides to build a backbone for ``checkpoint`` (a loaded file, or ``None``).
 
@@ -365,10 +412,19 @@ def resolve_recorded_architecture(
     An override the record does not hold is allowed only when it is in ``HARMLESS_OVERRIDES``; any other would
     build a different network than the one trained (``num_heads`` changes no parameter shape, so the weights would
     even load). Without a record, ``arch`` is required and returned with the overrides unchanged.
+
+    ``defaults``: what the backbone class passes to ``timm.create_model`` in every build (repeating them contradicts
+    nothing); ``None`` is ``DINOv3Backbone``'s, and then a record of kind ``"timm"`` is refused (it is a
+    ``TimmBackbone``'s).
     """
     from dinov3_pl.models.backbone import TIMM_DEFAULTS
 
     recorded = _recorded_config(checkpoint)
+    if defaults is None and recorded is not None and recorded_backbone_kind(None, checkpoint) == "timm":
+        raise ValueError(
+            f"the checkpoint records a timm model (arch {recorded['arch']!r}, kind 'timm'), not a DINOv3 ViT: build "
+            "it with build_backbone(None, weights=path) or TimmBackbone(None, weights=path)"
+        )
     if recorded is None:
         if arch is None:
             source = "no weights were given" if checkpoint is None else "these weights record no architecture"
@@ -382,7 +438,7 @@ def resolve_recorded_architecture(
         raise ValueError(f"arch={arch!r} differs from the checkpoint's recorded arch {recorded['arch']!r}. {hint}")
     recorded_overrides = dict(recorded.get("timm_overrides") or {})
     # DINOv3Backbone's own defaults hold in every recorded build, so repeating them contradicts nothing.
-    effective = {**TIMM_DEFAULTS, **recorded_overrides}
+    effective = {**(TIMM_DEFAULTS if defaults is None else defaults), **recorded_overrides}
     conflicts = []
     for key, value in timm_overrides.items():
         if key in effective:
@@ -493,20 +549,25 @@ def build_backbone(
     *,
     backbone_name: str | None = None,
     **overrides: Any,
-) -> DINOv3Backbone:
-    """Builds a ``DINOv3Backbone`` and loads ``weights``.
+) -> DINOv3Backbone | TimmBackbone:
+    """Builds the backbone and loads ``weights``: a ``DINOv3Backbone`` for a timm DINOv3 ViT, a ``TimmBackbone``
+    for any other timm model (``resnet50``, ``convnext_tiny``, ...) or a record of kind ``"timm"`` (see
+    :func:`recorded_backbone_kind`).
 
-    Given a dinov3-pl ``.ckpt`` (which records ``backbone_config = {"arch", "timm_overrides", "prefix"}``),
+    Given a dinov3-pl ``.ckpt`` (which records ``backbone_config = {"arch", "timm_overrides", "prefix", "kind"}``),
     ``arch`` may be left out: the recorded architecture is rebuilt (see :func:`resolve_recorded_architecture` for
     the overrides that may still be given); ``backbone_name`` picks another recorded backbone than the default
-    (see :func:`recorded_backbones`). ``overrides`` also take ``DINOv3Backbone``'s own options
+    (see :func:`recorded_backbones`). ``overrides`` also take the backbone class's own options
     (``drop_path_rate``, ...).
     """
     from dinov3_pl.models.backbone import DINOv3Backbone
+    from dinov3_pl.models.timm_backbone import TimmBackbone
 
     checkpoint = read_checkpoint(weights) if isinstance(weights, str | Path) else weights
     if backbone_name is not None:
         if checkpoint is None:
             raise ValueError(f"backbone_name={backbone_name!r} needs weights: a dinov3-pl .ckpt that records it")
         checkpoint = select_backbone(checkpoint, backbone_name)
+    if recorded_backbone_kind(arch, checkpoint) == "timm":
+        return TimmBackbone(arch, weights=checkpoint, **overrides)
     return DINOv3Backbone(arch, weights=checkpoint, **overrides)

@@ -1,7 +1,10 @@
 """FrozenBackboneModule: the base LightningModule of every frozen-backbone evaluation (kNN, linear, dense heads).
 
-It owns one thing: a DINOv3 backbone that is loaded, frozen and kept in ``eval()`` mode, plus helpers that turn
-images into the features the evaluation protocols use. Subclasses add a head, a loss and metrics.
+It owns one thing: a backbone that is loaded, frozen and kept in ``eval()`` mode, plus helpers that turn images
+into the features the evaluation protocols use. Subclasses add a head, a loss and metrics. The backbone is a
+``DINOv3Backbone`` (timm DINOv3 ViT) or, for any other timm model name or a checkpoint recording one, a
+``TimmBackbone`` (ResNet, ConvNeXt, ...), whose class feature is the model's own pooled feature and whose layers are
+its stages (of different widths and resolutions).
 
 Subclass contract (see docs/extending.md):
 
@@ -14,7 +17,8 @@ Subclass contract (see docs/extending.md):
 - ``configure_optimizers`` should optimise ``self.trainable_parameters()`` (the backbone's are excluded while it
   is frozen); ``self.head_optimizer(...)`` builds the usual AdamW/SGD + step-wise LR schedule over them;
 - to fine-tune instead of probing, call ``self.unfreeze_last_blocks(k)`` in ``__init__``: the last ``k`` blocks
-  (``-1``: all of the backbone) then train and the helpers run them with gradients; everything else stays frozen.
+  (``-1``: all of the backbone) then train and the helpers run them with gradients; everything else stays frozen;
+- dense heads size their input with ``self.patch_map_channels(layers)`` (a TimmBackbone's stages differ in width).
 """
 
 from __future__ import annotations
@@ -30,7 +34,14 @@ from torch import Tensor, nn
 
 from dinov3_pl.models.weights import build_backbone
 
-__all__ = ["FeatureType", "FrozenBackboneModule", "build_eval_backbone", "feature_dim", "lr_factor"]
+__all__ = [
+    "FeatureType",
+    "FrozenBackboneModule",
+    "build_eval_backbone",
+    "class_token_dims",
+    "feature_dim",
+    "lr_factor",
+]
 
 FeatureType = Literal["cls", "cls_meanpatch", "meanpatch"]
 FEATURE_TYPES: tuple[str, ...] = ("cls", "cls_meanpatch", "meanpatch")
@@ -41,19 +52,44 @@ _OMITTED_KEY = "frozen_backbone_omitted"
 
 def build_eval_backbone(arch: str | None, weights: str | None, backbone_kwargs: dict | None) -> nn.Module:
     """Builds the backbone to evaluate: ``arch`` + timm overrides, weights from a file or a dinov3-pl ``.ckpt``
-    (whose recorded architecture is used; see ``dinov3_pl.models.weights.build_backbone``)."""
+    (whose recorded architecture is used; see ``dinov3_pl.models.weights.build_backbone``). A timm DINOv3 ViT name
+    gives a ``DINOv3Backbone``, any other timm name (``resnet50``, ``convnext_tiny``) a ``TimmBackbone``."""
     return build_backbone(arch, weights, **(backbone_kwargs or {}))
 
 
-def feature_dim(embed_dim: int, feature_type: str, n_last_blocks: int = 1) -> int:
-    """Length of the vector ``FrozenBackboneModule.features`` returns for this feature type."""
+def feature_dim(
+    embed_dim: int, feature_type: str, n_last_blocks: int = 1, *, class_token_dims: Sequence[int] | None = None
+) -> int:
+    """Length of the vector ``FrozenBackboneModule.features`` returns for this feature type.
+
+    ``class_token_dims``: widths of the ``n_last_blocks`` class tokens (oldest first) when they are not all
+    ``embed_dim`` (a ``TimmBackbone``'s pooled stage maps, see ``class_token_dims``); the mean patch token is always
+    ``embed_dim`` wide.
+    """
+    if class_token_dims is None:
+        class_token_dims = [embed_dim] * n_last_blocks
+    elif len(class_token_dims) != n_last_blocks:
+        raise ValueError(f"class_token_dims has {len(class_token_dims)} widths for n_last_blocks={n_last_blocks}")
     if feature_type == "cls":
-        return n_last_blocks * embed_dim
+        return sum(class_token_dims)
     if feature_type == "cls_meanpatch":
-        return n_last_blocks * embed_dim + embed_dim
+        return sum(class_token_dims) + embed_dim
     if feature_type == "meanpatch":
         return embed_dim
     raise ValueError(f"feature_type must be one of {FEATURE_TYPES}, got {feature_type!r}")
+
+
+def class_token_dims(backbone: nn.Module, n_last_blocks: int) -> list[int]:
+    """Widths of the class tokens ``FrozenBackboneModule.features`` concatenates for the last ``n_last_blocks``
+    layers. A ``DINOv3Backbone``'s are all ``embed_dim``. A ``TimmBackbone``'s last one is the model's own pooled
+    feature (``cls_dim``, e.g. 1280 after a MobileNetV4's ``conv_head``) and the earlier ones are its stage maps,
+    average-pooled (``layer_channels``)."""
+    embed_dim = backbone.embed_dim
+    cls_dim = getattr(backbone, "cls_dim", embed_dim)
+    channels = getattr(backbone, "layer_channels", None)
+    if channels is None:
+        return [embed_dim] * (n_last_blocks - 1) + [cls_dim]
+    return [*channels[len(channels) - n_last_blocks : -1], cls_dim]
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str, min_ratio: float = 0.0) -> float:
@@ -74,11 +110,12 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str, min
 
 
 class FrozenBackboneModule(L.LightningModule):
-    """A LightningModule around a frozen DINOv3 backbone; the base of the evaluation modules.
+    """A LightningModule around a frozen backbone; the base of the evaluation modules.
 
     Args:
-        arch: timm DINOv3 model name, e.g. ``vit_small_patch16_dinov3``. May be ``None`` when ``weights`` is a
-            dinov3-pl ``.ckpt``, which records its architecture (a given ``arch`` must then match the recorded one).
+        arch: timm model name: a DINOv3 ViT such as ``vit_small_patch16_dinov3`` (a ``DINOv3Backbone``) or any other
+            timm model such as ``resnet50`` (a ``TimmBackbone``). May be ``None`` when ``weights`` is a dinov3-pl
+            ``.ckpt``, which records its architecture (a given ``arch`` must then match the recorded one).
         weights: backbone weights (upstream ``.pth``, Hugging Face folder/safetensors, timm state dict or a
             dinov3-pl ``.ckpt``); ``None`` evaluates a randomly initialised backbone (a baseline).
         backbone_kwargs: timm overrides, e.g. ``{"depth": 2, "embed_dim": 96, "patch_size": 4, "img_size": 32}``;
@@ -86,7 +123,9 @@ class FrozenBackboneModule(L.LightningModule):
         feature_type: what ``features()`` returns: ``"cls"`` (class token), ``"cls_meanpatch"`` (class token and
             mean patch token concatenated, the upstream linear protocol) or ``"meanpatch"``.
         n_last_blocks: concatenate the class tokens of the last ``n`` blocks (each after the final norm), as
-            upstream linear evaluation does; the mean patch token always comes from the last block.
+            upstream linear evaluation does; the mean patch token always comes from the last block. For a
+            ``TimmBackbone`` the "blocks" are its stages: the last one gives the model's own pooled feature, the
+            earlier ones their average-pooled maps (``feature_dim`` adds up their widths).
         cache_eval_features: keep the features of validation/test/predict samples in memory, keyed by
             ``(stage, dataloader index, sample index)``, so a backbone pass is done once per sample. Needs batches
             with an ``"indices"`` entry and a deterministic (non-augmented) eval transform.
@@ -117,7 +156,12 @@ class FrozenBackboneModule(L.LightningModule):
             raise ValueError(f"n_last_blocks={n_last_blocks} exceeds the backbone depth {depth}")
         self.embed_dim: int = self.backbone.embed_dim
         self.patch_size: int = self.backbone.patch_size
-        self.feature_dim: int = feature_dim(self.embed_dim, feature_type, n_last_blocks)
+        self.feature_dim: int = feature_dim(
+            self.embed_dim,
+            feature_type,
+            n_last_blocks,
+            class_token_dims=class_token_dims(self.backbone, n_last_blocks),
+        )
         self.trainable_backbone_modules: list[nn.Module] = []
         self._feature_cache: dict[tuple[str, int], dict[int, Tensor]] = {}
         self.backbone.requires_grad_(False)
@@ -132,19 +176,24 @@ class FrozenBackboneModule(L.LightningModule):
     def unfreeze_last_blocks(self, num_blocks: int) -> None:
         """Makes the last ``num_blocks`` transformer blocks and the final norm trainable; ``-1``: the whole backbone.
 
-        ``0`` keeps everything frozen. Trainable modules follow Lightning's train/eval switches; the rest stays in
-        ``eval()`` and under ``requires_grad=False``.
+        For a ``TimmBackbone`` the blocks are its stages (``depth`` of them, the stem in the first) and what runs
+        after the last stage trains with them (final conv or norm, the pooling head's norm; see
+        ``TimmBackbone.last_layers``). ``0`` keeps everything frozen. Trainable modules follow Lightning's
+        train/eval switches (a CNN's BatchNorm statistics then update); the rest stays in ``eval()`` and under
+        ``requires_grad=False``.
         """
-        blocks = list(self.backbone.vit.blocks)
-        if num_blocks < -1 or num_blocks > len(blocks):
-            raise ValueError(f"num_blocks must be -1 (all) or in [0, {len(blocks)}], got {num_blocks}")
+        depth = int(self.backbone.depth)
+        if num_blocks < -1 or num_blocks > depth:
+            raise ValueError(f"num_blocks must be -1 (all) or in [0, {depth}], got {num_blocks}")
         self.backbone.requires_grad_(False)
         if num_blocks == -1:
             modules: list[nn.Module] = [self.backbone]
         elif num_blocks == 0:
             modules = []
+        elif hasattr(self.backbone, "last_layers"):  # TimmBackbone
+            modules = self.backbone.last_layers(num_blocks)
         else:
-            modules = [*blocks[-num_blocks:], self.backbone.vit.norm]
+            modules = [*list(self.backbone.vit.blocks)[-num_blocks:], self.backbone.vit.norm]
         for module in modules:
             module.requires_grad_(True)
         self.trainable_backbone_modules = modules
@@ -253,12 +302,32 @@ class FrozenBackboneModule(L.LightningModule):
 
         ``layers``: the last ``n`` blocks (int) or block indices (negative allowed). With ``concat`` the maps are
         concatenated along channels ([B, len·D, h, w], upstream's multi-layer linear segmentation input); else a
-        list in the order asked.
+        list in the order asked. A ``TimmBackbone``'s layers are its stages: widths ``layer_channels`` and strides
+        2, 4, ... ``patch_size``, so maps of different resolutions cannot be concatenated (``concat=False`` returns
+        them as they are).
         """
         with self.backbone_context():
             maps = self.backbone.get_intermediate_layers(images, n=layers, reshape=True, norm=True)
         maps = [m.float() for m in maps]
-        return torch.cat(maps, dim=1) if concat else maps
+        if not concat:
+            return maps
+        sizes = [tuple(m.shape[-2:]) for m in maps]
+        if len(set(sizes)) > 1:
+            raise ValueError(
+                f"layers={layers!r} of {self.backbone.arch} give maps of different resolutions {sizes}, which cannot "
+                "be concatenated: use one layer (e.g. the last, layers=1) or patch_maps(..., concat=False)"
+            )
+        return torch.cat(maps, dim=1)
+
+    def patch_map_channels(self, layers: int | Sequence[int] = 1) -> int:
+        """Channels of ``patch_maps(images, layers)`` (concatenated): ``len(layers) · embed_dim`` for a ViT, the sum
+        of the stages' widths (``layer_channels``) for a ``TimmBackbone``."""
+        depth = int(self.backbone.depth)
+        indices = list(range(depth - layers, depth)) if isinstance(layers, int) else [int(i) for i in layers]
+        channels = getattr(self.backbone, "layer_channels", None)
+        if channels is None:
+            return len(indices) * self.embed_dim
+        return sum(channels[i] for i in indices)
 
     # ------------------------------------------------------------------------------------ feature cache
     def batch_features(self, batch: dict[str, Any], stage: str, dataloader_idx: int = 0) -> Tensor:
