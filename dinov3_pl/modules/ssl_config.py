@@ -1,4 +1,5 @@
-"""Typed option groups of ``DINOSSLModule``; each maps 1:1 onto a block of the YAML recipe.
+"""Typed option groups of ``DINOSSLModule`` and the distillation modules; each maps 1:1 onto a block of the YAML
+recipe.
 
 Defaults are the upstream ImageNet-1k ViT-L recipe (``vitl_im1k_lin834.yaml``) stated in steps, except where a
 field says otherwise. DESIGN.md §3 lists the upstream facts.
@@ -12,13 +13,25 @@ from typing import Literal
 from dinov3_pl.models.backbone import DINOv3Backbone
 from dinov3_pl.models.heads import DINOHead
 
-__all__ = ["BackboneConfig", "HeadConfig", "LossConfig", "TeacherConfig", "OptimConfig", "GramConfig"]
+__all__ = [
+    "BackboneConfig",
+    "HeadConfig",
+    "LossConfig",
+    "TeacherConfig",
+    "OptimConfig",
+    "GramConfig",
+    "StudentConfig",
+    "DistillationTeacherConfig",
+    "FeatureLossConfig",
+]
 
 
 @dataclass(frozen=True)
 class BackboneConfig:
     """The student backbone (the teacher is its EMA copy). ``weights`` continues from released/upstream weights;
-    ``arch: null`` takes the architecture a dinov3-pl ``.ckpt`` given as ``weights`` records."""
+    ``arch: null`` takes the architecture a dinov3-pl ``.ckpt`` given as ``weights`` records. A student of feature
+    distillation may be any timm model (``arch: convnext_tiny``, ``resnet50``, ...; ``rope_rescale`` and
+    ``drop_path_uniform`` are DINOv3-only)."""
 
     arch: str | None = "vit_small_patch16_dinov3"
     weights: str | None = None
@@ -29,6 +42,17 @@ class BackboneConfig:
     timm_overrides: dict = field(default_factory=dict)
 
     def build(self) -> DINOv3Backbone:
+        if self.arch is not None and "dinov3" not in self.arch:
+            from dinov3_pl.models.weights import build_backbone
+
+            if self.rope_rescale is not None:
+                raise ValueError(f"rope_rescale is for DINOv3 ViTs; {self.arch} has no RoPE: set it to null")
+            backbone = build_backbone(
+                self.arch, self.weights, drop_path_rate=self.drop_path_rate, **self.timm_overrides
+            )
+            if self.grad_checkpointing:
+                backbone.model.set_grad_checkpointing(True)
+            return backbone
         return DINOv3Backbone(
             self.arch,
             weights=self.weights,
@@ -58,6 +82,7 @@ class LossConfig:
     """Loss weights and temperatures. The DINO global/local terms are further scaled by their pair counts."""
 
     dino_weight: float = 1.0
+    dino_local_weight: float = 1.0  # on top of the pair count (upstream's distilled ViT-L recipe: 0.5)
     ibot_weight: float = 1.0
     koleo_weight: float = 0.1
     student_temperature: float = 0.1
@@ -127,3 +152,50 @@ class GramConfig:
     max_refreshes: int = 3
     img_level: bool = True
     remove_neg: bool = False
+
+
+@dataclass(frozen=True)
+class StudentConfig:
+    """One student of a distillation run: its backbone, its own AdamW groups and schedules (``optim``), and the EMA
+    of its weights that is evaluated and exported (momentum cosine ``ema_momentum`` -> ``ema_momentum_end``, or
+    constant). DINO-style distillation: ``dino_head`` / ``ibot_head`` (``None``: the teacher's sizes, whose
+    prototype counts the student must share). Feature distillation: ``projection_hidden_dim`` sizes the MLPs that
+    map the student's CLS and patch tokens onto the teacher's."""
+
+    name: str = "student"
+    backbone: BackboneConfig = BackboneConfig()
+    optim: OptimConfig = OptimConfig()
+    dino_head: HeadConfig | None = None
+    ibot_head: HeadConfig | None = None
+    projection_hidden_dim: int = 1024
+    ema_momentum: float = 0.994
+    ema_momentum_end: float = 1.0
+    ema_momentum_schedule: Literal["cosine", "constant"] = "cosine"
+
+
+@dataclass(frozen=True)
+class DistillationTeacherConfig:
+    """The frozen teacher of a distillation run. ``weights``: a dinov3-pl checkpoint (its recorded backbone, or
+    ``backbone_name``; DINO-style distillation also reads the DINO/iBOT heads beside it) or, for feature
+    distillation, any backbone weights (upstream ``.pth``, Hugging Face folder, timm state dict) with ``arch`` and
+    ``timm_overrides``. The teacher temperature (DINO-style) warms up linearly from ``temperature_warmup_start``."""
+
+    weights: str = ""
+    backbone_name: str | None = None
+    arch: str | None = None
+    timm_overrides: dict = field(default_factory=dict)
+    temperature: float = 0.07
+    temperature_warmup_start: float = 0.04
+    temperature_warmup_steps: int = 0
+
+
+@dataclass(frozen=True)
+class FeatureLossConfig:
+    """Feature distillation (AM-RADIO, Ranzinger et al., CVPR 2024): the student's projected CLS token matches the
+    teacher's by cosine distance; its projected patch tokens match the teacher's (resized to the student's grid) by
+    ``patch_cosine_share`` x cosine distance + (1 - share) x smooth-L1 (AM-RADIO's 0.9 / 0.1)."""
+
+    cls_weight: float = 1.0
+    patch_weight: float = 1.0
+    patch_cosine_share: float = 0.9
+    smooth_l1_beta: float = 1.0

@@ -129,6 +129,7 @@ class DINOStudent(nn.Module):
             if num_local_crops:
                 terms["dino_local"] = self.dino_loss(dino_local, targets["cls_probs"])
                 scale = loss.dino_weight * local_pairs / (global_pairs + local_pairs) * local_dino_weight
+                scale = scale * loss.dino_local_weight
                 total = total + scale * terms["dino_local"]
         if with_ibot:
             masked_patches = student_global["patch"].flatten(0, 1).index_select(0, targets["mask_rows"])
