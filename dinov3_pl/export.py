@@ -5,16 +5,19 @@ dict or a Hugging Face ``DINOv3ViTModel`` folder (docs/export.md).
     python -m dinov3_pl.export ...   (the same)
 
 WEIGHTS is a dinov3-pl ``.ckpt`` (it records its backbones: ``--backbone`` picks one by name, the default is the
-one evaluation uses, the EMA teacher of an SSL run) or any weights ``DINOv3Backbone`` reads (upstream ``.pth``,
+one evaluation uses, the EMA teacher of an SSL run) or any weights ``build_backbone`` reads (upstream ``.pth``,
 Hugging Face folder or ``.safetensors``, timm state dict), which record no architecture: give ``--arch`` and the
-``--timm-overrides`` they were trained with. Every export is exact: the tensors written are the backbone's own.
+``--timm-overrides`` they were trained with. The backbone is a ``DINOv3Backbone`` (timm DINOv3 ViT) or, for any other
+timm model (a distillation student such as ``convnext_tiny``), a ``TimmBackbone``. Every export is exact: the
+tensors written are the backbone's own.
 
 - ``ckpt``: ``{"state_dict": {"backbone.…"}, "backbone_config": {"arch", "timm_overrides", "prefix"}}``, readable
   with ``torch.load(weights_only=True)``, loaded by every eval module and ``predict`` with ``arch: null``.
-- ``timm``: the state dict ``timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=dict(file=out),
-  **overrides)`` loads (``.safetensors`` when the name ends so, else ``torch.save``). It holds no ``mask_token``
-  (iBOT's, not part of timm's model): timm's loader reads a state dict with a ``mask_token`` but without upstream's
-  ``storage_tokens`` as a masked-image-modelling checkpoint and moves the final norm to ``fc_norm``.
+- ``timm``: the timm model's own state dict, which ``timm.create_model(arch, pretrained=True,
+  pretrained_cfg_overlay=dict(file=out), **overrides)`` loads (``.safetensors`` when the name ends so, else
+  ``torch.save``; the command prints the call). A DINOv3 ViT's holds no ``mask_token`` (iBOT's, not part of timm's
+  model): timm's loader reads a state dict with a ``mask_token`` but without upstream's ``storage_tokens`` as a
+  masked-image-modelling checkpoint and moves the final norm to ``fc_norm``.
 - ``hf``: a folder with ``config.json`` + ``model.safetensors`` that ``transformers.AutoModel.from_pretrained``
   loads as ``DINOv3ViTModel`` (DINOv3 ViTs only).
 
@@ -66,39 +69,6 @@ def _selected_record(checkpoint: Mapping[str, Any], backbone_name: str | None, s
             )
         return None
     return dict(select_backbone(checkpoint, backbone_name)["backbone_config"])
-
-
-def _kind(record: Mapping[str, Any] | None) -> str:
-    kind = (record or {}).get("kind", "dinov3")
-    if kind not in ("dinov3", "timm"):
-        raise ValueError(f"the checkpoint records a backbone of kind {kind!r}; export knows 'dinov3' and 'timm'")
-    return kind
-
-
-def _timm_model_state(
-    checkpoint: Mapping[str, Any], record: Mapping[str, Any], overrides: Mapping[str, Any]
-) -> dict[str, Tensor]:
-    """The state dict of a recorded non-DINOv3 timm backbone (the timm model's own keys under the record's prefix),
-    checked by loading it into the timm model the record describes."""
-    import timm
-
-    if overrides:
-        raise ValueError("--timm-overrides: the checkpoint records its timm model's overrides; drop --timm-overrides")
-    prefix = record.get("prefix", "")
-    tensors = checkpoint.get("state_dict", checkpoint)
-    state = {key[len(prefix) :]: value for key, value in tensors.items() if key.startswith(prefix)}
-    if not state:
-        raise ValueError(f"the checkpoint records a backbone under {prefix!r} but holds no such keys")
-    model = timm.create_model(record["arch"], pretrained=False, **dict(record.get("timm_overrides") or {}))
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as error:
-        summary = " ".join(str(error).split())[:400]
-        raise ValueError(
-            f"the weights under {prefix!r} are not the state dict of timm's {record['arch']} with the recorded "
-            f"overrides {record.get('timm_overrides')}: {summary}"
-        ) from error
-    return {key: value.detach().clone() for key, value in state.items()}
 
 
 # ------------------------------------------------------------------------------------------------ writing
@@ -160,6 +130,22 @@ def _write_hf(backbone: Any, out: Path) -> None:
         stale_index.unlink()
 
 
+def _not_a_vit(name: str, arch: str) -> ValueError:
+    return ValueError(
+        f"--format hf writes DINOv3 ViTs only; backbone {name!r} is timm's {arch}: use --format timm or ckpt"
+    )
+
+
+def _timm_create_kwargs(kind: str, overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """What ``timm.create_model`` needs besides the arch to build the exported model: TimmBackbone also drops the
+    classifier (num_classes=0), which timm's strict loading would otherwise miss."""
+    if kind == "dinov3":
+        return dict(overrides)
+    from dinov3_pl.models.timm_backbone import TIMM_BACKBONE_DEFAULTS
+
+    return {**TIMM_BACKBONE_DEFAULTS, **overrides}
+
+
 def _python_call(arch: str, overrides: Mapping[str, Any], out: Path) -> str:
     arguments = "".join(f", {key}={value!r}" for key, value in overrides.items())
     return f"timm.create_model({arch!r}, pretrained=True, pretrained_cfg_overlay=dict(file={str(out)!r}){arguments})"
@@ -191,35 +177,29 @@ def export_backbone(
     name = backbone_name or (_default_name(checkpoint) if record is not None else "default")
     if record is None and arch is None:
         raise ValueError(
-            f"{source} records no architecture (only a dinov3-pl .ckpt does): give --arch, a timm DINOv3 ViT name "
-            "such as vit_small_patch16_dinov3, and --timm-overrides with the values the weights were trained with"
+            f"{source} records no architecture (only a dinov3-pl .ckpt does): give --arch, a timm model name such "
+            "as vit_small_patch16_dinov3, and --timm-overrides with the values the weights were trained with"
         )
 
-    kind = _kind(record)
     if record is not None and arch is not None and arch != record["arch"]:
         raise ValueError(f"--arch {arch} differs from the arch {record['arch']!r} the checkpoint records; drop --arch")
-    if kind == "timm":
-        if format == "hf":
-            raise ValueError(
-                f"--format hf writes DINOv3 ViTs only; backbone {name!r} is timm's {record['arch']}: "
-                "use --format timm or ckpt"
-            )
-        state = _timm_model_state(checkpoint, record, overrides)
-        arch, overrides = record["arch"], dict(record.get("timm_overrides") or {})
-        slim_record = {**record}
-    else:
-        backbone = build_backbone(arch, checkpoint, backbone_name=backbone_name, **overrides).eval()
-        arch, overrides = backbone.arch, dict(backbone.timm_overrides)
-        state = backbone.state_dict()
-        slim_record = {**(record or {}), "arch": arch, "timm_overrides": overrides}
+    backbone = build_backbone(arch, checkpoint, backbone_name=backbone_name, **overrides).eval()
+    # DINOv3Backbone (a timm DINOv3 ViT + mask token) or TimmBackbone (any other timm model, its kind is "timm").
+    kind = getattr(backbone, "kind", "dinov3")
+    arch, overrides = backbone.arch, dict(backbone.timm_overrides)
+    slim_record = {**(record or {}), "arch": arch, "timm_overrides": overrides, "kind": kind}
 
     if format == "hf":
+        if kind != "dinov3":
+            raise _not_a_vit(name, arch)
         _write_hf(backbone, out)
         return f"wrote {out}/ ({_HF_CONFIG}, {_HF_WEIGHTS}); load it with transformers.AutoModel.from_pretrained"
     if format == "timm":
-        timm_state = {key[len("vit.") :]: value for key, value in state.items() if key.startswith("vit.")}
-        _save_tensors(timm_state if kind == "dinov3" else state, out)
-        return f"wrote {out}; load it with {_python_call(arch, overrides, out)}"
+        # The timm model itself: DINOv3Backbone's .vit (its mask_token stays behind), TimmBackbone's .model.
+        timm_model = backbone.vit if kind == "dinov3" else backbone.model
+        _save_tensors(timm_model.state_dict(), out)
+        return f"wrote {out}; load it with {_python_call(arch, _timm_create_kwargs(kind, overrides), out)}"
+    state = backbone.state_dict()
     _write_atomically(out, lambda target: torch.save(_slim_checkpoint(state, slim_record, name), target))
     return f"wrote {out} (backbone {name!r}, {arch}); evaluate it with arch: null"
 
@@ -258,11 +238,19 @@ def build_parser(prog: str = "dinov3-pl export") -> argparse.ArgumentParser:
         help="a dinov3-pl .ckpt, an upstream .pth, a HF folder/.safetensors or a timm state dict",
     )
     parser.add_argument("--format", required=True, choices=EXPORT_FORMATS, help="what to write")
-    parser.add_argument("--out", required=True, help="the file (ckpt, timm) or folder (hf) to write")
-    parser.add_argument("--backbone", help="a backbone the .ckpt records by name (default: the one evaluation uses)")
-    parser.add_argument("--arch", help="timm arch of weights that record none, e.g. vit_small_patch16_dinov3")
+    parser.add_argument("--out", required=True, metavar="PATH", help="the file (ckpt, timm) or folder (hf) to write")
     parser.add_argument(
-        "--timm-overrides", type=_overrides, default={}, help="JSON object of timm overrides, e.g. '{\"depth\": 2}'"
+        "--backbone", metavar="NAME", help="a backbone the .ckpt records by name (default: the one evaluation uses)"
+    )
+    parser.add_argument(
+        "--arch", metavar="ARCH", help="timm arch of weights that record none, e.g. vit_small_patch16_dinov3"
+    )
+    parser.add_argument(
+        "--timm-overrides",
+        type=_overrides,
+        default={},
+        metavar="JSON",
+        help="JSON object of timm overrides, e.g. '{\"depth\": 2}'",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     return parser

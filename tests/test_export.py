@@ -195,7 +195,12 @@ def test_ckpt_export_is_slim_and_loads_everywhere(tmp_path):
     export_backbone(tmp_path / "run.ckpt", "ckpt", out, backbone_name="student")
     slim = torch.load(out, map_location="cpu", weights_only=True)  # no pickled objects
     assert set(slim) == {"state_dict", "backbone_config", "backbone_configs"}
-    assert slim["backbone_config"] == {"arch": arch, "timm_overrides": overrides, "prefix": "backbone."}
+    assert slim["backbone_config"] == {
+        "arch": arch,
+        "timm_overrides": overrides,
+        "prefix": "backbone.",
+        "kind": "dinov3",
+    }
     assert recorded_backbones(slim) == {"student": slim["backbone_config"]}
     _assert_same_tensors(slim["state_dict"], {f"backbone.{k}": v for k, v in student.state_dict().items()})
     for backbone in (
@@ -274,38 +279,49 @@ def test_ssl_checkpoint_exports_every_format_from_the_command_line(source, reque
 
 # ------------------------------------------------------------------------------------------------ timm backbones
 def _timm_kind_checkpoint(path: Path) -> torch.nn.Module:
-    """A recorded non-DINOv3 timm backbone: the timm model's own state dict under the record's prefix."""
-    torch.manual_seed(0)
-    model = timm.create_model("test_convnext", num_classes=0).eval()
-    record = {"kind": "timm", "arch": "test_convnext", "timm_overrides": {"num_classes": 0}, "prefix": "student."}
+    """A distillation-style checkpoint whose student is a TimmBackbone (a non-DINOv3 timm model, record kind
+    "timm"); skipped where TimmBackbone does not exist."""
+    timm_backbone = pytest.importorskip("dinov3_pl.models.timm_backbone")
+    student = timm_backbone.TimmBackbone("test_convnext").eval()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in student.parameters():
+            param.add_(0.1 * torch.randn(param.shape, generator=generator))
+    record = {"arch": "test_convnext", "timm_overrides": {}, "prefix": "student.backbone.", "kind": "timm"}
     torch.save(
         {
-            "state_dict": {f"student.{key}": value for key, value in model.state_dict().items()},
+            "state_dict": {f"student.backbone.{key}": value for key, value in student.state_dict().items()},
             "backbone_config": record,
             "backbone_configs": {"student": record},
         },
         path,
     )
-    return model
+    return student
 
 
-def test_timm_kind_backbone_exports_its_own_state_dict(tmp_path):
-    model = _timm_kind_checkpoint(tmp_path / "distill.ckpt")
-    export_backbone(tmp_path / "distill.ckpt", "timm", tmp_path / "convnext.safetensors")
+def test_timm_kind_backbone_exports_the_timm_model(tmp_path, capsys):
+    student = _timm_kind_checkpoint(tmp_path / "distill.ckpt")
+    message = export_backbone(tmp_path / "distill.ckpt", "timm", tmp_path / "convnext.safetensors")
+    assert "'test_convnext', pretrained=True" in message and "num_classes=0" in message  # TimmBackbone drops the head
     loaded = _load_with_timm(tmp_path / "convnext.safetensors", "test_convnext", {"num_classes": 0})
-    _assert_same_tensors(loaded.state_dict(), model.state_dict())
+    _assert_same_tensors(loaded.state_dict(), student.model.state_dict())
     images = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        assert torch.equal(loaded(images), model(images))
+        assert torch.equal(loaded(images), student(images)["cls"])
+
     export_backbone(tmp_path / "distill.ckpt", "ckpt", tmp_path / "slim.ckpt")
     slim = torch.load(tmp_path / "slim.ckpt", map_location="cpu", weights_only=True)
     assert slim["backbone_config"] == {
-        "kind": "timm",
         "arch": "test_convnext",
-        "timm_overrides": {"num_classes": 0},
+        "timm_overrides": {},
         "prefix": "backbone.",
+        "kind": "timm",
     }
-    _assert_same_tensors(slim["state_dict"], {f"backbone.{key}": value for key, value in model.state_dict().items()})
+    _assert_same_tensors(build_backbone(None, weights=tmp_path / "slim.ckpt").state_dict(), student.state_dict())
+
+    line = _error_line(capsys, [str(tmp_path / "distill.ckpt"), "--format", "hf", "--out", str(tmp_path / "hf")])
+    assert "--format hf writes DINOv3 ViTs only; backbone 'student' is timm's test_convnext" in line
+    assert not (tmp_path / "hf").exists()
 
 
 # ------------------------------------------------------------------------------------------------ bad input
@@ -322,7 +338,6 @@ def test_bad_input_is_one_line(tmp_path, capsys):
     arch, overrides = CASES["qkvb_storage"]
     teacher, _ = _two_backbone_checkpoint(tmp_path / "run.ckpt", arch, overrides)
     torch.save(teacher.vit.state_dict(), tmp_path / "timm.pth")
-    _timm_kind_checkpoint(tmp_path / "distill.ckpt")
     run, out = str(tmp_path / "run.ckpt"), str(tmp_path / "out.ckpt")
 
     line = _error_line(capsys, [run, "--format", "ckpt", "--out", out, "--backbone", "ema"])
@@ -331,8 +346,6 @@ def test_bad_input_is_one_line(tmp_path, capsys):
     assert "records no architecture" in line and "give --arch" in line
     line = _error_line(capsys, [str(tmp_path / "timm.pth"), "--format", "ckpt", "--out", out, "--backbone", "teacher"])
     assert "records no named backbones" in line and "drop --backbone" in line
-    line = _error_line(capsys, [str(tmp_path / "distill.ckpt"), "--format", "hf", "--out", str(tmp_path / "hf")])
-    assert "--format hf writes DINOv3 ViTs only" in line and "test_convnext" in line
     line = _error_line(capsys, [run, "--format", "ckpt", "--out", out, "--arch", "vit_base_patch16_dinov3"])
     assert "drop --arch" in line
     line = _error_line(capsys, [run, "--format", "ckpt", "--out", out, "--timm-overrides", "depth=2"])
