@@ -169,11 +169,19 @@ class DINOSSLModule(PretrainingModule):
         masks = batch["masks"] if self.student.ibot_head is not None else None
         targets = self.teacher.targets(batch["global_crops"], masks, self.teacher_temperature_schedule(step))
         losses, student_global = self.student.losses(batch, targets, self.local_dino_weight_schedule(step))
-        if self.gram_config.enabled and step >= self.gram_config.start_step:
-            gram_targets = self._gram_targets(batch, student_global["patch"].shape[1])
-            losses["gram"] = self.gram_loss(student_global["patch"], gram_targets)
-            losses["loss"] = losses["loss"] + self.gram_weight_schedule(step) * losses["gram"]
+        for name, (weight, term) in self.extra_losses(batch, student_global, step).items():
+            losses[name] = term
+            losses["loss"] = losses["loss"] + weight * term
         return losses
+
+    def extra_losses(self, batch: dict, student_global: dict[str, Tensor], step: int) -> dict[str, tuple]:
+        """Loss terms beyond DINO / iBOT / KoLeo: ``{name: (weight, term)}``, added to the total and logged.
+        ``student_global`` is the student's masked forward of the global crops (``{"cls", "storage", "patch"}``).
+        Gram anchoring is one; override (and call ``super()``) to add your own (see docs/extending.md)."""
+        if not self.gram_config.enabled or step < self.gram_config.start_step:
+            return {}
+        gram_targets = self._gram_targets(batch, student_global["patch"].shape[1])
+        return {"gram": (self.gram_weight_schedule(step), self.gram_loss(student_global["patch"], gram_targets))}
 
     @torch.no_grad()
     def _gram_targets(self, batch: dict, num_student_patches: int) -> Tensor:
