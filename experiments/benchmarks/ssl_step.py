@@ -18,11 +18,9 @@ utilisation (MFU: FLOPs counted by ``torch.utils.flop_counter`` per step / time 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from timing import device_line, make_batch, median_seconds, memory_and_mfu
 
 from dinov3_pl.modules.ssl import DINOSSLModule
 from dinov3_pl.modules.ssl_config import BackboneConfig, HeadConfig, OptimConfig
@@ -55,24 +53,6 @@ PRESETS = {
     ),
 }
 STEP = 100  # the schedules' step both timed steps use (past warm-up)
-BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
-
-
-def make_batch(batch: int, global_size: int, local_size: int, num_local: int, patch: int, device) -> dict:
-    """Random crops and masks with upstream's iBOT statistics (half the global crops masked, ratios 0.1-0.5)."""
-    generator = torch.Generator().manual_seed(0)
-    num_patches = (global_size // patch) ** 2
-    masks = torch.zeros(2 * batch, num_patches, dtype=torch.bool)
-    num_masked = int(2 * batch * 0.5)
-    ratios = torch.linspace(0.1, 0.5, num_masked + 1)[1:]
-    for crop, ratio in enumerate(ratios):
-        masks[crop, torch.randperm(num_patches, generator=generator)[: int(num_patches * ratio)]] = True
-    masks = masks[torch.randperm(2 * batch, generator=generator)]
-    return {
-        "global_crops": torch.randn(2 * batch, 3, global_size, global_size, generator=generator).to(device),
-        "local_crops": torch.randn(num_local * batch, 3, local_size, local_size, generator=generator).to(device),
-        "masks": masks.to(device),
-    }
 
 
 def main() -> None:
@@ -133,32 +113,12 @@ def main() -> None:
         with autocast:
             module.teacher.targets(batch["global_crops"], batch["masks"], module.teacher_temperature_schedule(STEP))
 
-    def timed(step) -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(args.steps_per_round):
-            step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return (time.perf_counter() - start) / args.steps_per_round
-
     module.train()
-    full_step(), bare_step()  # warm-up (allocations, compilation)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    full_times, bare_times, teacher_times = [], [], []
-    for _ in range(args.rounds):
-        full_times.append(timed(full_step))
-        bare_times.append(timed(bare_step))
-        teacher_times.append(timed(teacher_step))
-    full, bare = statistics.median(full_times), statistics.median(bare_times)
-    teacher = statistics.median(teacher_times)
+    steps = {"full": full_step, "bare": bare_step, "teacher": teacher_step}
+    seconds = median_seconds(steps, device, args.rounds, args.steps_per_round)
+    full, bare, teacher = seconds["full"], seconds["bare"], seconds["teacher"]
     images = preset["batch"]
-    print(
-        f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}; "
-        f"threads {torch.get_num_threads()}; torch {torch.__version__}"
-    )
+    print(device_line(device))
     print(
         f"config: {preset['arch']} {preset['overrides']} batch {images}, 2x{preset['global_size']} + "
         f"{preset['num_local']}x{preset['local_size']} crops, heads {preset['prototypes']} prototypes"
@@ -175,14 +135,7 @@ def main() -> None:
         f"optimizer): {(full - bare - teacher) / bare:.2f}"
     )
     if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device) / 2**30
-        with FlopCounterMode(display=False) as counter:
-            full_step()
-        flops = counter.get_total_flops()
-        name = torch.cuda.get_device_name(device)
-        peak_tflops = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)
-        mfu = f"{flops / full / (peak_tflops * 1e12) * 100:.1f}%" if peak_tflops else "n/a (unknown card)"
-        print(f"peak memory: {peak:.1f} GiB; {flops / 1e12:.2f} TFLOP per step; MFU {mfu}")
+        print(memory_and_mfu(full_step, full, device))
 
 
 if __name__ == "__main__":
