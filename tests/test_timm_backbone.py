@@ -72,6 +72,7 @@ def test_outputs_are_timms_own_features_and_pooling(arch):
         out = backbone(images)
         features = twin.forward_features(images)
         expected_cls = twin.forward_head(features, pre_logits=True)
+        assert len(twin.forward_intermediates(images, intermediates_only=True)) == depth
     feature_map = _as_map(features, getattr(twin, "num_prefix_tokens", 0), (2, 3))
     assert set(out) == {"cls", "storage", "patch"}
     assert out["cls"].shape == (2, cls_dim) and out["storage"].shape == (2, 0, embed_dim)
@@ -182,6 +183,10 @@ def test_plain_timm_state_dict_loads_and_its_classifier_is_dropped(tmp_path):
     again = TimmBackbone("resnet18", weights=own)
     for key, value in backbone.state_dict().items():
         assert torch.equal(again.state_dict()[key], value), key
+    # An eval module given arch + a timm file builds the same backbone.
+    module = FrozenBackboneModule(arch="resnet18", weights=str(path))
+    assert isinstance(module.backbone, TimmBackbone) and module.feature_dim == 512
+    torch.testing.assert_close(module.features(images), expected)
 
 
 def test_mismatched_weights_name_the_keys_in_one_line(tmp_path):
@@ -228,6 +233,8 @@ def test_checkpoint_record_of_kind_timm_round_trips_through_build_backbone(tmp_p
         assert isinstance(rebuilt, TimmBackbone) and rebuilt.timm_overrides == {"depths": (1, 1, 1, 1)}
         with torch.no_grad():
             torch.testing.assert_close(rebuilt.eval()(images)["cls"], student.eval()(images)["cls"])
+    knn = KNN(arch=None, weights=str(path))  # arch: null on a run that recorded a timm student
+    assert isinstance(knn.backbone, TimmBackbone) and knn.feature_dim == 320
     # A record without "kind" (an older run): a name that is not a timm DINOv3 ViT is a TimmBackbone.
     _save_run(path, student, kind=None)
     assert isinstance(build_backbone(None, weights=path), TimmBackbone)

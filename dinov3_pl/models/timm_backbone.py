@@ -177,7 +177,8 @@ class TimmBackbone(nn.Module):
         if fixed is not None and (height, width) != fixed:
             raise ValueError(
                 f"{self.arch} was built for {fixed[0]}x{fixed[1]} images only, got {height}x{width}: build it with "
-                f"img_size={height} or for any size dynamic_img_size=True (timm ViTs) / strict_img_size=False (Swin)"
+                f"img_size=({height}, {width}) or, for any size, dynamic_img_size=True (timm ViTs) / "
+                "strict_img_size=False (Swin)"
             )
         return height // self.patch_size, width // self.patch_size
 

@@ -29,12 +29,15 @@ class FeatureExtractor(L.LightningModule):
     Batches are ``{"images": [B, 3, H, W], "paths": list[str], "indices": [B]}`` (see
     ``dinov3_pl.data.predict.ImageFolderPredictDataModule``); ``H`` and ``W`` must be multiples of the patch size.
 
-    The output file (``.pt``: ``torch.load``; ``.npz``: ``numpy.load``) holds ``cls`` [N, D], ``mean_patch``
+    The output file (``.pt``: ``torch.load``; ``.npz``: ``numpy.load``) holds ``cls`` [N, D'], ``mean_patch``
     [N, D], ``paths`` (N strings), ``skipped_paths`` (unreadable files), ``arch``, and with ``save_patch_maps``
-    ``patch_maps`` [N, D, h, w]. Features are float32, computed under bf16 autocast on a GPU.
+    ``patch_maps`` [N, D, h, w]. Features are float32, computed under bf16 autocast on a GPU. For a DINOv3 ViT
+    D' = D; for another timm model (a ``TimmBackbone``) ``cls`` is the model's own pooled feature, which can be
+    wider (MobileNetV4: 1280 vs 960), and ``h``, ``w`` are the image size over its total stride (32 for most CNNs).
 
     Args:
-        arch: timm DINOv3 arch; may be ``None`` when ``weights`` is a dinov3-pl ``.ckpt`` (it records the arch).
+        arch: timm model name: a DINOv3 ViT (``vit_small_patch16_dinov3``) or any other timm model (``resnet50``);
+            may be ``None`` when ``weights`` is a dinov3-pl ``.ckpt`` (it records the arch).
         weights: upstream ``.pth``, Hugging Face folder / ``.safetensors``, timm state dict or dinov3-pl ``.ckpt``;
             ``None`` keeps the random initialisation (for smoke tests).
         backbone_kwargs: timm overrides for the backbone, e.g. ``{"depth": 2, "embed_dim": 64}``.
