@@ -146,11 +146,6 @@ def test_hf_round_trip_is_exact(case, tmp_path):
     _assert_same_tensors(loaded.state_dict(), teacher.state_dict())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="weights.py reads transformers' empty embeddings.register_tokens [1, 0, D] as a reg_token the backbone "
-    "lacks (fix in _hf_to_timm: skip it when it has no elements)",
-)
 def test_hf_round_trip_without_storage_tokens(tmp_path):
     arch, overrides = CASES["plain_no_storage"]
     teacher, _ = _two_backbone_checkpoint(tmp_path / "run.ckpt", arch, overrides)

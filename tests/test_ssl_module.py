@@ -163,7 +163,7 @@ def test_checkpoint_records_the_backbone_config():
     module = make_module()
     checkpoint = {}
     module.on_save_checkpoint(checkpoint)
-    record = {"arch": "vit_small_patch16_dinov3", "timm_overrides": TINY}
+    record = {"arch": "vit_small_patch16_dinov3", "timm_overrides": TINY, "kind": "dinov3"}
     assert checkpoint["backbone_config"] == {**record, "prefix": "teacher.backbone."}
     assert checkpoint["backbone_configs"] == {
         "teacher": {**record, "prefix": "teacher.backbone."},

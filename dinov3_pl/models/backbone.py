@@ -70,7 +70,10 @@ class DINOv3Backbone(nn.Module):
         weights = read_checkpoint(weights) if isinstance(weights, str | Path) else weights
         arch, timm_overrides = resolve_recorded_architecture(arch, timm_overrides, weights)
         if "dinov3" not in arch:
-            raise ValueError(f"arch must be a timm DINOv3 ViT (vit_*_patch16_dinov3*), got {arch!r}")
+            raise ValueError(
+                f"arch must be a timm DINOv3 ViT (vit_*_patch16_dinov3*), got {arch!r}; for other timm models use "
+                "TimmBackbone or build_backbone"
+            )
         if rope_rescale is not None and rope_rescale < 1:
             raise ValueError(f"rope_rescale is a factor R >= 1 (scales drawn in [1/R, R]), got {rope_rescale}")
         self.arch = arch

@@ -279,6 +279,8 @@ def _hf_to_timm(state_dict: Mapping[str, Tensor], target_keys: set[str]) -> tupl
         if key == "embeddings.mask_token":
             mask_token = value.reshape(1, -1)
             continue
+        if key == "embeddings.register_tokens" and value.numel() == 0:
+            continue  # transformers saves an empty [1, 0, D] tensor for a model without register tokens
         for pattern, replacement in _HF_RENAMES:
             key = re.sub(pattern, replacement, key)
         # Plain MLP: up -> fc1; gated (SwiGLU): silu(gate) * up, i.e. timm's fc1_g / fc1_x.

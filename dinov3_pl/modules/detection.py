@@ -154,7 +154,7 @@ class Detection(FrozenBackboneModule):
         num_layers = layers if isinstance(layers, int) else len(layers)
         if num_layers < 1:
             raise ValueError(f"layers must name at least one block, got {layers!r}")
-        in_channels = self.embed_dim * num_layers
+        in_channels = self.patch_map_channels(layers)
         pyramid = SimpleFeaturePyramid(in_channels, self.patch_size, pyramid_channels, pyramid_strides, top_pool)
         sizes = tuple((int(round(anchor_scale * stride)),) for stride in pyramid.output_strides)
         anchors = AnchorGenerator(sizes=sizes, aspect_ratios=(tuple(aspect_ratios),) * len(sizes))

@@ -223,11 +223,15 @@ class LinearProbe(FrozenBackboneModule):
         """Layer-wise LR decay over the unfrozen backbone; no weight decay on biases, norms and gammas."""
         depth = self.backbone.depth
         decay = self.hparams.layer_decay
+        # A TimmBackbone knows the stage of each parameter; a DINOv3 ViT's block is in the name.
+        layers = self.backbone.parameter_layers() if hasattr(self.backbone, "parameter_layers") else None
         groups: dict[tuple[float, float], list[nn.Parameter]] = {}
         for name, param in self.backbone.named_parameters():
             if not param.requires_grad:
                 continue
-            if name.startswith("vit.blocks."):
+            if layers is not None:
+                layer_scale = decay ** (depth - layers[name])
+            elif name.startswith("vit.blocks."):
                 layer_scale = decay ** (depth - int(name.split(".")[2]))
             elif name.startswith("vit.norm.") or name.startswith("vit.fc_norm."):
                 layer_scale = 1.0

@@ -43,19 +43,9 @@ from dinov3_pl.modules.ssl_config import OptimConfig
 from dinov3_pl.optim import build_param_groups, clip_grad_norm_per_module
 from dinov3_pl.schedules import ConstantSchedule, CosineSchedule, Schedule
 
-__all__ = ["PretrainingModule", "NUM_GLOBAL_CROPS", "backbone_record"]
+__all__ = ["PretrainingModule", "NUM_GLOBAL_CROPS"]
 
 NUM_GLOBAL_CROPS = 2
-
-
-def backbone_record(backbone: nn.Module, prefix: str) -> dict[str, Any]:
-    """What a checkpoint records to rebuild ``backbone`` (found under ``prefix`` in its state dict)."""
-    from dinov3_pl.models.backbone import DINOv3Backbone
-
-    record = {"arch": backbone.arch, "timm_overrides": dict(backbone.timm_overrides), "prefix": prefix}
-    if not isinstance(backbone, DINOv3Backbone):
-        record["kind"] = "timm"
-    return record
 
 
 class PretrainingModule(L.LightningModule):
@@ -393,6 +383,8 @@ class PretrainingModule(L.LightningModule):
         # What `DINOv3Backbone(None, weights=run.ckpt)`, the eval modules and export rebuild: the default eval
         # backbone, the others by name. Read from the built backbones: a student continued from a .ckpt with
         # arch null has the recorded architecture filled in.
+        from dinov3_pl.models.weights import backbone_record
+
         records = {
             name: backbone_record(self.get_submodule(prefix.rstrip(".")), prefix)
             for name, prefix in self.eval_backbones().items()

@@ -104,7 +104,7 @@ class Segmentation(FrozenBackboneModule):
                 raise ValueError(f"inference='slide' needs window_stride >= 1, got {window_stride}")
         self.num_classes = num_classes
         self.n_layers = n_layers
-        self.head = LinearSegmentationHead(self.embed_dim * n_layers, num_classes, dropout=dropout)
+        self.head = LinearSegmentationHead(self.patch_map_channels(n_layers), num_classes, dropout=dropout)
         self.val_miou = MulticlassJaccardIndex(num_classes, ignore_index=IGNORE_INDEX, average="macro")
         self.val_pixel_accuracy = MulticlassAccuracy(num_classes, ignore_index=IGNORE_INDEX, average="micro")
 
