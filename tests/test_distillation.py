@@ -205,3 +205,105 @@ def test_feature_distillation_from_a_backbone_without_heads(teacher_ckpt, tmp_pa
     torch.testing.assert_close(terms["loss"], terms["cls_cosine"] + 0.9 * cosine + 0.1 * smooth)
     trainer(tmp_path, max_steps=2).fit(module, tiny_data(num_local_crops=0))
     assert module.global_step == 2
+
+
+def test_a_timm_cnn_student_end_to_end(teacher_ckpt, tmp_path):
+    """Feature distillation into a timm ResNet (stride 8 here: a 2x2 grid on 16 px crops), then the student's EMA
+    evaluated by KNN straight from the checkpoint with arch: null."""
+    from dinov3_pl.data import ClassificationDataModule
+    from dinov3_pl.models import TimmBackbone
+    from dinov3_pl.modules import KNN
+
+    L.seed_everything(0)
+    cnn = StudentConfig(
+        name="cnn", backbone=BackboneConfig("resnet10t", timm_overrides={"output_stride": 8}), optim=OPTIM
+    )
+    module = FeatureDistillationModule(teacher=DistillationTeacherConfig(weights=teacher_ckpt), students=[cnn])
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    trainer(tmp_path, max_steps=2, callbacks=[checkpoint]).fit(module, tiny_data(num_local_crops=0))
+    assert torch.isfinite(torch.as_tensor(float(module.trainer.callback_metrics["train/cnn/loss"])))
+    knn = KNN(arch=None, weights=checkpoint.last_model_path, backbone_kwargs=None, ks=(5,))
+    assert isinstance(knn.backbone, TimmBackbone)
+    for key, value in module.student_emas["cnn"].average.backbone.state_dict().items():
+        assert torch.equal(knn.backbone.state_dict()[key], value), key
+    data = ClassificationDataModule(
+        image_size=16, knn_mode=True, synthetic_train_samples=32, synthetic_eval_samples=16, batch_size=16
+    )
+    results = trainer(tmp_path / "knn").validate(knn, data)
+    assert 0.0 <= results[0]["knn/top1_k5"] <= 1.0
+
+
+def test_an_unknown_student_name_is_one_clear_line(teacher_ckpt):
+    unknown = StudentConfig(backbone=BackboneConfig("resnet_that_does_not_exist"), optim=OPTIM)
+    with pytest.raises(ValueError, match="resnet_that_does_not_exist") as error:
+        FeatureDistillationModule(teacher=DistillationTeacherConfig(weights=teacher_ckpt), students=[unknown])
+    assert "\n" not in str(error.value)
+    with pytest.raises(ValueError, match="not a DINOv3 ViT.*FeatureDistillationModule"):
+        cnn = StudentConfig(backbone=BackboneConfig("resnet10t", timm_overrides={"output_stride": 8}), optim=OPTIM)
+        distillation(teacher_ckpt, students=[cnn])
+
+
+@pytest.fixture(scope="module")
+def demo_teacher_ckpt(tmp_path_factory) -> str:
+    """A teacher of the pretraining demo's architecture (configs/pretrain/demo_cpu.yaml), random weights."""
+    torch.manual_seed(0)
+    overrides = {"embed_dim": 96, "depth": 4, "num_heads": 3, "patch_size": 8, "img_size": 48, "init_values": 0.1}
+    head = HeadConfig(num_prototypes=256, hidden_dim=256, bottleneck_dim=64)
+    module = DINOSSLModule(backbone=BackboneConfig(timm_overrides=overrides), dino_head=head, ibot_head=head)
+    checkpoint = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(checkpoint)
+    path = tmp_path_factory.mktemp("demo_teacher") / "last.ckpt"
+    torch.save(checkpoint, path)
+    return str(path)
+
+
+SMOKE = (
+    "--trainer.fast_dev_run=true",
+    "--trainer.logger=false",
+    "--trainer.accelerator=cpu",
+    "--trainer.devices=1",
+    "--trainer.precision=32-true",
+    "--data.init_args.dataset=synthetic",
+    "--data.init_args.num_samples=8",
+    "--data.init_args.batch_size=4",
+    "--data.init_args.num_workers=0",
+    "--data.init_args.knn_monitor=false",
+)
+
+
+def test_the_distillation_demo_config_runs(demo_teacher_ckpt, tmp_path):
+    from dinov3_pl.cli import main as cli_main
+
+    cli = cli_main(
+        [
+            "fit",
+            "--config=configs/distill/demo_cpu.yaml",
+            f"--trainer.default_root_dir={tmp_path}",
+            f"--checkpoint.dirpath={tmp_path}/checkpoints",
+            f"--model.init_args.teacher.weights={demo_teacher_ckpt}",
+            *SMOKE,
+        ]
+    )
+    assert cli.trainer.global_step == 1 and set(cli.model.students) == {"small", "mid"}
+
+
+@pytest.mark.parametrize("student_arch", ["resnet50", "convnext_tiny"])
+def test_the_feature_distillation_configs_run(teacher_ckpt, tmp_path, student_arch):
+    """The released-teacher recipes with the tiny dinov3-pl teacher in place of the released ViT-B/16 (arch null:
+    the checkpoint records it) and 32 px crops (one 1x1 cell of the stride-32 CNN)."""
+    from dinov3_pl.cli import main as cli_main
+
+    cli = cli_main(
+        [
+            "fit",
+            f"--config=configs/distill/release_to_{student_arch}.yaml",
+            f"--trainer.default_root_dir={tmp_path}",
+            f"--checkpoint.dirpath={tmp_path}/checkpoints",
+            f"--model.init_args.teacher.weights={teacher_ckpt}",
+            "--model.init_args.teacher.arch=null",
+            "--data.init_args.global_size=32",
+            "--data.init_args.patch_size=4",
+            *SMOKE,
+        ]
+    )
+    assert cli.trainer.global_step == 1 and type(cli.model.students[student_arch].backbone).__name__ == "TimmBackbone"

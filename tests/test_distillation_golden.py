@@ -7,10 +7,10 @@ weights are rebuilt here from seeds (``golden_weights``), in upstream's key name
 repository imported this file to make the very same weights.
 
 Upstream's multi-distillation student sees its global crops *unmasked* (``SSLMetaArch.get_student_output`` passes
-no masks when ``distillation.enabled``); ours masks them as in self-distillation. The fixture therefore holds the
+no masks when ``distillation.enabled``), and so do ours (``DINOStudent(mask_inputs=False)``). The fixture holds the
 loss terms twice: ``distillation/*`` from upstream's step as it runs, and ``masked_student/*`` from the same step
-with the student's global crops masked (upstream's self-distillation student path), which isolates that one
-difference.
+with the student's global crops masked (upstream's self-distillation student path), against which our
+self-distillation student (``DINOSSLModule``'s) is checked.
 """
 
 from __future__ import annotations
@@ -174,24 +174,10 @@ def test_self_distillation_student_matches_upstream_with_masked_crops(golden, ou
     torch.testing.assert_close(ours[f"ssl_student/{term}"], golden[f"masked_student/{term}"], rtol=RTOL, atol=ATOL)
 
 
-# When DistillationModule's student stops masking its global crops, these pass and (strict) fail as XPASS: then
-# remove the marks.
-UNMASKED_STUDENT = pytest.mark.xfail(
-    strict=True,
-    reason="upstream's distilled student sees its global crops unmasked (get_student_output: masks=None when "
-    "distillation.enabled); DistillationModule's DINOStudent masks them, which changes the global CLS tokens (DINO "
-    "global, KoLeo) and the masked patch tokens (iBOT). See experiments/golden/multidistillation.md",
-)
-
-
 @pytest.mark.parametrize(
     ("ours_key", "upstream_key"),
-    [
-        # Local crops are never masked, so only their term agrees today.
-        pytest.param(f"student/{term}", f"distillation/{term}", marks=() if term == "dino_local" else UNMASKED_STUDENT)
-        for term in LOSS_TERMS
-    ]
-    + [pytest.param("loss", "distillation/loss", marks=UNMASKED_STUDENT)],  # the sum over the (one) student
+    [(f"student/{term}", f"distillation/{term}") for term in LOSS_TERMS]
+    + [("loss", "distillation/loss")],  # the sum over the (one) student
 )
 def test_distillation_losses_match_upstream_multidistillation(golden, ours, ours_key, upstream_key):
     torch.testing.assert_close(ours[ours_key], golden[upstream_key], rtol=RTOL, atol=ATOL)

@@ -277,3 +277,14 @@ def test_gram_phase_from_a_pretraining_checkpoint_keeps_released_teacher_weights
     for key, value in watch.rows[-1][2].items():
         assert torch.equal(value, expected[key]), key
     assert not torch.equal(watch.rows[-1][2]["vit.cls_token"], module.teacher.backbone.vit.cls_token)
+
+
+def test_null_given_on_the_command_line_for_a_nested_option_is_none():
+    """jsonargparse 4.53 passes `--model.init_args.backbone.arch=null` as the string "None" to nested dataclass
+    fields (a YAML file's null arrives right); the option groups read it as None."""
+    from dinov3_pl.modules.ssl_config import DistillationTeacherConfig
+
+    assert BackboneConfig(arch="None", weights="None").arch is None
+    assert DistillationTeacherConfig(weights="t.ckpt", arch="None").arch is None
+    assert GramConfig(teacher_weights="None").teacher_weights is None
+    assert BackboneConfig(arch="vit_small_patch16_dinov3").arch == "vit_small_patch16_dinov3"

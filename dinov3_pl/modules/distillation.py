@@ -142,7 +142,7 @@ class DistillationModule(_Distillation):
             temperature schedule.
         students: one entry per student (name, backbone, optim, heads, EMA momentum).
         loss: loss weights and temperatures, shared by the students (centering is Sinkhorn-Knopp, as upstream's
-            multi-distillation always does; ``dino_local_weight`` 0.5 in upstream's distilled ViT-L recipe).
+            multi-distillation always does).
         max_consecutive_bad_steps, knn_ks, knn_temperature: see ``PretrainingModule``.
     """
 
@@ -185,7 +185,9 @@ class DistillationModule(_Distillation):
                         f"{sizes.num_prototypes}; the losses compare distributions over the same prototypes"
                     )
             use_ibot = ibot_head if loss.ibot_weight > 0 and self.teacher.ibot_head is not None else None
-            students[name] = DINOStudent(backbone, dino_head, use_ibot, loss)
+            # As upstream (SSLMetaArch.get_student_output with distillation on): the students see their global
+            # crops unmasked; the iBOT masks only pick the patches whose outputs are compared with the teacher's.
+            students[name] = DINOStudent(backbone, dino_head, use_ibot, loss, mask_inputs=False)
         self._finish_students(students)
 
     def build_method_schedules(self) -> None:

@@ -7,7 +7,7 @@ field says otherwise. DESIGN.md §3 lists the upstream facts.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Literal
 
 from dinov3_pl.models.backbone import DINOv3Backbone
@@ -27,7 +27,21 @@ __all__ = [
 
 
 @dataclass(frozen=True)
-class BackboneConfig:
+class _Options:
+    """Base of the option groups: a ``str | None`` field given the string ``"None"`` means ``None``.
+
+    Why: inside LightningCLI's subclass mode, jsonargparse (4.53) turns ``--model.init_args.backbone.arch=null``
+    into the string ``"None"`` for fields of nested dataclasses (``arch: null`` in a YAML file is parsed right).
+    """
+
+    def __post_init__(self) -> None:
+        for field_ in fields(self):
+            if getattr(self, field_.name) == "None" and "None" in str(field_.type):
+                object.__setattr__(self, field_.name, None)
+
+
+@dataclass(frozen=True)
+class BackboneConfig(_Options):
     """The student backbone (the teacher is its EMA copy). ``weights`` continues from released/upstream weights;
     ``arch: null`` takes the architecture a dinov3-pl ``.ckpt`` given as ``weights`` records. A student of feature
     distillation may be any timm model (``arch: convnext_tiny``, ``resnet50``, ...; ``rope_rescale`` and
@@ -82,7 +96,7 @@ class LossConfig:
     """Loss weights and temperatures. The DINO global/local terms are further scaled by their pair counts."""
 
     dino_weight: float = 1.0
-    dino_local_weight: float = 1.0  # on top of the pair count (upstream's distilled ViT-L recipe: 0.5)
+    dino_local_weight: float = 1.0  # on top of the pair count
     ibot_weight: float = 1.0
     koleo_weight: float = 0.1
     student_temperature: float = 0.1
@@ -132,7 +146,7 @@ class OptimConfig:
 
 
 @dataclass(frozen=True)
-class GramConfig:
+class GramConfig(_Options):
     """Gram anchoring (upstream ``dinov3_vit7b16_gram_anchor.yaml``), all in steps.
 
     The Gram teacher is a frozen backbone: loaded from ``teacher_weights`` or, when that is ``None``, a snapshot
@@ -174,7 +188,7 @@ class StudentConfig:
 
 
 @dataclass(frozen=True)
-class DistillationTeacherConfig:
+class DistillationTeacherConfig(_Options):
     """The frozen teacher of a distillation run. ``weights``: a dinov3-pl checkpoint (its recorded backbone, or
     ``backbone_name``; DINO-style distillation also reads the DINO/iBOT heads beside it) or, for feature
     distillation, any backbone weights (upstream ``.pth``, Hugging Face folder, timm state dict) with ``arch`` and

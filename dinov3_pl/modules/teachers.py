@@ -70,13 +70,24 @@ class EMA(nn.Module):
 
 
 class DINOStudent(nn.Module):
-    """A backbone with a DINO head and, when ``ibot_head`` is given, an iBOT head (upstream: separate heads)."""
+    """A backbone with a DINO head and, when ``ibot_head`` is given, an iBOT head (upstream: separate heads).
+
+    ``mask_inputs``: the global crops go through the backbone with their iBOT patches replaced by the mask token
+    (self-distillation) or whole (distillation, as upstream); either way the masks pick the patches iBOT compares.
+    """
 
     def __init__(
-        self, backbone: nn.Module, dino_head: HeadConfig, ibot_head: HeadConfig | None, loss: LossConfig
+        self,
+        backbone: nn.Module,
+        dino_head: HeadConfig,
+        ibot_head: HeadConfig | None,
+        loss: LossConfig,
+        mask_inputs: bool = True,
     ) -> None:
         super().__init__()
         self.loss_config = loss
+        # Self-distillation feeds the iBOT-masked global crops (mask tokens); distillation feeds them whole.
+        self.mask_inputs = mask_inputs
         self.dino_loss = DINOLoss(loss.student_temperature)
         self.ibot_loss = IBOTPatchLoss(loss.student_temperature)
         self.koleo_loss = KoLeoLoss()
@@ -108,7 +119,7 @@ class DINOStudent(nn.Module):
         masks: Tensor = batch["masks"]
         batch_size = global_crops.shape[0] // NUM_GLOBAL_CROPS
         with_ibot = self.ibot_head is not None and loss.ibot_weight > 0
-        student_global = self.backbone(global_crops, masks=masks if with_ibot else None)
+        student_global = self.backbone(global_crops, masks=masks if with_ibot and self.mask_inputs else None)
         cls_global = student_global["cls"]
         if local_crops is not None and local_crops.shape[0] > 0:
             cls_local = self.backbone(local_crops)["cls"]
