@@ -2,6 +2,7 @@
 
 from dinov3_pl.data.classification import ClassificationDataModule
 from dinov3_pl.data.datasets import FashionMNIST, ImageFolder, SyntheticShapes
+from dinov3_pl.data.decode import read_rgb
 from dinov3_pl.data.dense import CocoDetectionDataset, DetectionDataModule, SegmentationDataModule, SegmentationFolder
 from dinov3_pl.data.masking import BlockMaskGenerator, IBOTMaskCollator
 from dinov3_pl.data.multicrop import MultiCropDataModule
@@ -25,4 +26,5 @@ __all__ = [
     "SegmentationFolder",
     "ShardedEvalSampler",
     "SyntheticShapes",
+    "read_rgb",
 ]

@@ -229,13 +229,16 @@ def _head_config_of(head: nn.Module):
 
 class FeatureStudent(nn.Module):
     """A backbone (any timm model or a DINOv3 ViT) with two MLPs that map its CLS and patch tokens onto the
-    teacher's feature size (``hidden_dim`` wide, GELU; AM-RADIO's adaptor heads)."""
+    teacher's feature size (``hidden_dim`` wide, GELU; AM-RADIO's adaptor heads); ``hidden_dim`` 0: one linear
+    layer each, which leaves the matching to the backbone itself."""
 
     def __init__(self, backbone: nn.Module, teacher_dim: int, hidden_dim: int) -> None:
         super().__init__()
         self.backbone = backbone
 
-        def projection() -> nn.Sequential:
+        def projection() -> nn.Module:
+            if hidden_dim <= 0:
+                return nn.Linear(backbone.embed_dim, teacher_dim)
             return nn.Sequential(
                 nn.Linear(backbone.embed_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, teacher_dim)
             )

@@ -174,7 +174,7 @@ class StudentConfig:
     of its weights that is evaluated and exported (momentum cosine ``ema_momentum`` -> ``ema_momentum_end``, or
     constant). DINO-style distillation: ``dino_head`` / ``ibot_head`` (``None``: the teacher's sizes, whose
     prototype counts the student must share). Feature distillation: ``projection_hidden_dim`` sizes the MLPs that
-    map the student's CLS and patch tokens onto the teacher's."""
+    map the student's CLS and patch tokens onto the teacher's (0: a linear map)."""
 
     name: str = "student"
     backbone: BackboneConfig = BackboneConfig()
