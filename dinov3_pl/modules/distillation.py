@@ -3,8 +3,9 @@
 - :class:`DistillationModule` — upstream's (multi-)distillation (``dinov3/train/multidist_meta_arch.py``): a
   frozen teacher *with* DINO and iBOT heads (a ``DINOSSLModule`` checkpoint) sees the global crops once per batch;
   its head outputs, Sinkhorn-Knopp-centred at the teacher temperature, are every student's targets. Each student
-  (a DINOv3 ViT sharing the teacher's patch size) trains its own heads with the DINOv3 loss (DINO global and local,
-  iBOT on its masked patches, KoLeo), as in self-distillation with the EMA teacher replaced by the frozen one.
+  (a DINOv3 ViT, or any timm model whose stride equals the teacher's patch size, as upstream's ConvNeXt students)
+  trains its own heads with the DINOv3 loss (DINO global and local, iBOT on the masked patches' positions, KoLeo) on
+  its unmasked global crops, as upstream's distillation does.
 - :class:`FeatureDistillationModule` — from a backbone *without* heads (a released ``.pth``, a Hugging Face
   folder, timm weights or a dinov3-pl checkpoint): each student, any timm model by name or a DINOv3 ViT, maps its
   CLS and patch tokens through small MLPs onto the teacher's and matches them (AM-RADIO's cosine / smooth-L1
@@ -167,15 +168,11 @@ class DistillationModule(_Distillation):
         students = {}
         for name, config in self.student_configs.items():
             backbone = config.backbone.build()
-            if not hasattr(backbone, "mask_token"):
-                raise ValueError(
-                    f"student {name!r} ({backbone.arch}) is not a DINOv3 ViT: DINO-style distillation masks patches "
-                    "for iBOT; distil it with FeatureDistillationModule"
-                )
             if backbone.patch_size != teacher_patch:
                 raise ValueError(
-                    f"student {name!r} has patch size {backbone.patch_size} but the teacher {teacher_patch}: iBOT's "
-                    "targets are the teacher's patches, so the grids must match (as upstream requires)"
+                    f"student {name!r} has patch size (stride) {backbone.patch_size} but the teacher {teacher_patch}: "
+                    "iBOT's targets are the teacher's patches, so the grids must match (as upstream requires); "
+                    "FeatureDistillationModule resizes grids instead"
                 )
             dino_head, ibot_head = config.dino_head or dino_sizes, config.ibot_head or ibot_sizes
             for head, sizes, what in ((dino_head, dino_sizes, "dino_head"), (ibot_head, ibot_sizes, "ibot_head")):

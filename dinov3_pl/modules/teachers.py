@@ -33,7 +33,15 @@ from dinov3_pl.losses.ibot import IBOTPatchLoss
 from dinov3_pl.losses.koleo import KoLeoLoss
 from dinov3_pl.modules.ssl_config import HeadConfig, LossConfig
 
-__all__ = ["DINOStudent", "DINOTeacher", "EMA", "load_dino_teacher", "resize_patch_grid", "ema_update"]
+__all__ = [
+    "DINOStudent",
+    "DINOTeacher",
+    "EMA",
+    "load_dino_teacher",
+    "resize_patch_grid",
+    "ema_update",
+    "ema_update_module",
+]
 
 NUM_GLOBAL_CROPS = 2
 
@@ -43,6 +51,27 @@ def ema_update(average: list[Tensor], source: list[Tensor], momentum: float) -> 
     """``average = momentum * average + (1 - momentum) * source``, in place, with foreach ops (as upstream)."""
     torch._foreach_mul_(average, momentum)
     torch._foreach_add_(average, source, alpha=1 - momentum)
+
+
+def _running_statistics(module: nn.Module) -> dict[str, Tensor]:
+    """The running mean / variance buffers of the module's batch-norm layers (none in a ViT)."""
+    return {
+        f"{name}.{stat}": getattr(layer, stat)
+        for name, layer in module.named_modules()
+        if isinstance(layer, nn.modules.batchnorm._NormBase) and layer.track_running_stats
+        for stat in ("running_mean", "running_var")
+    }
+
+
+@torch.no_grad()
+def ema_update_module(average: nn.Module, source: nn.Module, momentum: float) -> None:
+    """EMA of ``source``'s parameters into ``average``, and of its batch-norm running statistics: parameters alone
+    would leave a CNN's EMA normalising with the statistics it started with (its features then degenerate)."""
+    ema_update(*_paired_parameters(average, source), momentum)
+    stats = _running_statistics(average)
+    if stats:
+        source_stats = _running_statistics(source)
+        ema_update(list(stats.values()), [source_stats[name] for name in stats], momentum)
 
 
 def _paired_parameters(average: nn.Module, source: nn.Module) -> tuple[list[Tensor], list[Tensor]]:
@@ -63,7 +92,7 @@ class EMA(nn.Module):
         self.average = copy.deepcopy(source).requires_grad_(False).eval()
 
     def update(self, source: nn.Module, momentum: float) -> None:
-        ema_update(*_paired_parameters(self.average, source), momentum)
+        ema_update_module(self.average, source, momentum)
 
     def train(self, mode: bool = True) -> EMA:
         return super().train(False)  # never in training mode: no drop path, no RoPE jitter
@@ -195,7 +224,7 @@ class DINOTeacher(nn.Module):
     def update(self, student: DINOStudent, momentum: float) -> None:
         """The EMA step after each optimizer step (nothing for a frozen teacher)."""
         if not self.frozen:
-            ema_update(*_paired_parameters(self, student), momentum)
+            ema_update_module(self, student, momentum)
 
     @torch.no_grad()
     def targets(self, global_crops: Tensor, masks: Tensor | None, temperature: float) -> dict[str, Tensor]:
