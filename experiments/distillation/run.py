@@ -85,10 +85,12 @@ def train(name: str, config: str, out: Path, minutes: float, teacher: Path | Non
         args.append(f"--model.init_args.teacher.weights={teacher}")
     started = time.perf_counter()
     cli = cli_main(args)
-    print(
-        f"[distillation] {name}: {cli.trainer.global_step} steps in {time.perf_counter() - started:.0f} s", flush=True
-    )
-    return Path(cli.trainer.checkpoint_callback.last_model_path)
+    seconds = time.perf_counter() - started
+    print(f"[distillation] {name}: {cli.trainer.global_step} steps in {seconds:.0f} s", flush=True)
+    # The state when max_time stopped the run (the periodic last.ckpt can be up to 100 steps older).
+    final = out / name / "final.ckpt"
+    cli.trainer.save_checkpoint(final)
+    return final
 
 
 def throughput_and_flops(module: FrozenBackboneModule, size: int) -> dict[str, float]:
