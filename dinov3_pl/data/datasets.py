@@ -338,14 +338,26 @@ def _find_fashion_mnist_file(root: Path, name: str) -> Path | None:
 class FashionMNIST(Dataset):
     """Fashion-MNIST read from the original idx files in ``root`` (or ``root/FashionMNIST/raw``).
 
-    ``download=True`` fetches the files with torchvision into ``root`` first. Images are 28x28 grayscale,
-    returned replicated to 3 channels. Attributes ``images`` (uint8 [N, 28, 28]), ``labels`` (int64 [N]).
+    ``root=None`` reads the Debian package's copy (``apt-get install dataset-fashion-mnist``). ``download=True``
+    fetches the files with torchvision into ``root`` first. ``train`` picks the 60k train or the 10k test split.
+    Images are 28x28 grayscale, returned replicated to 3 channels. Attributes ``images`` (uint8 [N, 28, 28]),
+    ``labels`` (int64 [N]).
     """
 
     class_names: tuple[str, ...] = FASHION_MNIST_CLASS_NAMES
     num_classes: int = 10
 
-    def __init__(self, root: str | Path, train: bool = True, download: bool = False) -> None:
+    def __init__(self, root: str | Path | None = None, train: bool = True, download: bool = False) -> None:
+        if root is None:
+            if download:
+                raise ValueError("FashionMNIST(download=True) needs root=<folder to download into>")
+            root = default_fashion_mnist_root()
+            if root is None:
+                raise FileNotFoundError(
+                    "Fashion-MNIST not found: pass root=<folder with the idx .gz files>, install the Debian package "
+                    "(`apt-get install dataset-fashion-mnist`) or pass root and download=True to fetch it with "
+                    "torchvision"
+                )
         self.root = Path(root)
         self.train = bool(train)
         image_name, label_name = _FASHION_MNIST_FILES[self.train]

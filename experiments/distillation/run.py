@@ -172,6 +172,10 @@ def main(argv: list[str] | None = None) -> dict:
         )
         teacher = Path(cli.trainer.checkpoint_callback.last_model_path)
         results["runs"]["teacher"] = {"steps": cli.trainer.global_step, "seconds": time.perf_counter() - started}
+    else:
+        results["runs"]["teacher"] = {
+            "steps": torch.load(teacher, map_location="cpu", weights_only=True)["global_step"]
+        }
     results["teacher"] = str(teacher)
     checkpoints = {}
     for name in options.only:
