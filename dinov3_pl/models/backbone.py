@@ -14,6 +14,7 @@ around it and that timm does not expose:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -25,6 +26,7 @@ from timm.layers import DropPath
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from dinov3_pl.models.drop_path import subset_drop_path_block
 from dinov3_pl.models.weights import load_backbone_weights, read_checkpoint, resolve_recorded_architecture
 
 __all__ = ["TIMM_DEFAULTS", "DINOv3Backbone", "init_as_upstream"]
@@ -47,6 +49,9 @@ class DINOv3Backbone(nn.Module):
             teacher backbone; the arch and overrides it records are used, and given ones must agree with them).
         drop_path_rate: stochastic depth rate.
         drop_path_uniform: the same rate in every block (upstream DINOv3); ``False`` keeps timm's linear ramp.
+        drop_path_subset: stochastic depth as upstream trains: each residual branch runs on a random subset of
+            the batch only (``dinov3_pl.models.drop_path``), instead of timm's per-sample mask over the whole batch
+            (which computes the dropped samples' branches too). Same expectation, less compute.
         rope_rescale: train-time RoPE coordinate rescale factor R: coordinates are multiplied by one log-uniform
             scale in [1/R, R] (shared by both axes, redrawn at every block). Upstream's LVD/7B recipe uses 2;
             ``None`` disables it. Never active in ``eval()`` mode.
@@ -61,6 +66,7 @@ class DINOv3Backbone(nn.Module):
         *,
         drop_path_rate: float = 0.0,
         drop_path_uniform: bool = True,
+        drop_path_subset: bool = False,
         rope_rescale: float | None = None,
         grad_checkpointing: bool = False,
         **timm_overrides,
@@ -89,6 +95,7 @@ class DINOv3Backbone(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, self.embed_dim))
         self.rope_rescale = rope_rescale
         self.grad_checkpointing = grad_checkpointing
+        self.drop_path_subset = drop_path_subset
         if drop_path_uniform:
             self._set_uniform_drop_path(drop_path_rate)
         # timm's RoPE module would otherwise apply its own (once-per-forward) augmentation when training.
@@ -154,10 +161,14 @@ class DINOv3Backbone(nn.Module):
         kept = []
         for index, block in enumerate(self.vit.blocks):
             block_rope = self._rope(grid_hw) if redraw else rope
+            run = block
+            if self.drop_path_subset and self.training and isinstance(block.drop_path1, DropPath):
+                run = functools.partial(subset_drop_path_block, block, rate=block.drop_path1.drop_prob)
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, rope=block_rope, use_reentrant=False)
+                # The recomputation replays the same subsets: checkpoint restores the RNG state.
+                x = checkpoint(run, x, rope=block_rope, use_reentrant=False)
             else:
-                x = block(x, rope=block_rope)
+                x = run(x, rope=block_rope)
             if index in keep:
                 kept.append(x)
         return x, kept

@@ -44,13 +44,14 @@ class _Options:
 class BackboneConfig(_Options):
     """The student backbone (the teacher is its EMA copy). ``weights`` continues from released/upstream weights;
     ``arch: null`` takes the architecture a dinov3-pl ``.ckpt`` given as ``weights`` records. A student of feature
-    distillation may be any timm model (``arch: convnext_tiny``, ``resnet50``, ...; ``rope_rescale`` and
-    ``drop_path_uniform`` are DINOv3-only)."""
+    distillation may be any timm model (``arch: convnext_tiny``, ``resnet50``, ...; ``rope_rescale``,
+    ``drop_path_uniform`` and ``drop_path_subset`` are DINOv3-only)."""
 
     arch: str | None = "vit_small_patch16_dinov3"
     weights: str | None = None
     drop_path_rate: float = 0.0
     drop_path_uniform: bool = True
+    drop_path_subset: bool = False
     rope_rescale: float | None = None
     grad_checkpointing: bool = False
     timm_overrides: dict = field(default_factory=dict)
@@ -61,6 +62,8 @@ class BackboneConfig(_Options):
 
             if self.rope_rescale is not None:
                 raise ValueError(f"rope_rescale is for DINOv3 ViTs; {self.arch} has no RoPE: set it to null")
+            if self.drop_path_subset:
+                raise ValueError(f"drop_path_subset is for DINOv3 ViTs; set it to false for {self.arch}")
             backbone = build_backbone(
                 self.arch, self.weights, drop_path_rate=self.drop_path_rate, **self.timm_overrides
             )
@@ -72,6 +75,7 @@ class BackboneConfig(_Options):
             weights=self.weights,
             drop_path_rate=self.drop_path_rate,
             drop_path_uniform=self.drop_path_uniform,
+            drop_path_subset=self.drop_path_subset,
             rope_rescale=self.rope_rescale,
             grad_checkpointing=self.grad_checkpointing,
             **self.timm_overrides,
