@@ -1,47 +1,36 @@
-"""The docs/extending.md recipe, run for real: a new frozen-backbone task as a small subclass plus a YAML file."""
+"""The evaluation part of docs/extending.md, run for real: its Python examples are read from the page and executed
+(a trained probe on FrozenBackboneModule with its YAML, and a retrieval evaluation on BankQueryEvaluation)."""
 
 from __future__ import annotations
+
+import re
+from pathlib import Path
 
 import lightning as L
 import numpy as np
 import pytest
 import torch
-from torch import Tensor, nn
-from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
-
-from dinov3_pl.modules.frozen import FrozenBackboneModule
+from torchmetrics.retrieval import RetrievalMAP, RetrievalPrecision
 
 TINY = {"depth": 2, "embed_dim": 64, "num_heads": 2, "patch_size": 8, "img_size": 32}
+DOCS = Path(__file__).parents[1] / "docs" / "extending.md"
 
 
-# ---------------------------------------------------------------------------- the user's code (as in the docs)
-class CountingProbe(FrozenBackboneModule):
-    """Predicts how many shapes an image holds from frozen [CLS, mean patch] features (a regression probe)."""
+def docs_example(first_line: str) -> dict:
+    """Executes the Python block of docs/extending.md that starts with ``first_line`` as code of this module (so its
+    classes are importable as ``tests.test_extending.<name>``, for the CLI) and returns the names it defines."""
+    blocks = re.findall(r"```python\n(.*?)```", DOCS.read_text(), flags=re.S)
+    matching = [block for block in blocks if block.startswith(first_line + "\n")]
+    assert len(matching) == 1, f"docs/extending.md has {len(matching)} python blocks starting with {first_line!r}"
+    namespace: dict = {"__name__": __name__}
+    exec(compile(matching[0], str(DOCS), "exec"), namespace)  # noqa: S102 - the documented code, as written
+    return namespace
 
-    def __init__(
-        self,
-        arch: str | None = "vit_small_patch16_dinov3",
-        weights: str | None = None,
-        backbone_kwargs: dict | None = None,
-        feature_type: str = "cls_meanpatch",
-        lr: float = 1e-2,
-    ) -> None:
-        super().__init__(arch=arch, weights=weights, backbone_kwargs=backbone_kwargs, feature_type=feature_type)
-        self.save_hyperparameters()
-        self.head = nn.Linear(self.feature_dim, 1)
 
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        loss = F.mse_loss(self.head(self.features(batch["images"])).squeeze(1), batch["counts"])
-        self.log("count/train_mse", loss)
-        return loss
-
-    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        predicted = self.head(self.batch_features(batch, "val")).squeeze(1)
-        self.log("count/mae", (predicted - batch["counts"]).abs().mean())
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(self.trainable_parameters(), lr=self.hparams.lr)
+# ---------------------------------------------------------------------------- the user's code (from the docs)
+CountingProbe = docs_example("# my_tasks/counting.py")["CountingProbe"]
+LabelRetrieval = docs_example("# my_tasks/retrieval.py")["LabelRetrieval"]
 
 
 class ShapeCounts(Dataset):
@@ -121,6 +110,82 @@ data:
     assert isinstance(cli.model, CountingProbe) and cli.model.hparams.lr == 0.01
     assert cli.trainer.global_step == 3
     assert "count/mae" in cli.trainer.callback_metrics
+
+
+# ---------------------------------------------------------------------------- the retrieval example
+class LabelledShapes(Dataset):
+    """SyntheticShapes images with their class (8 shapes), as ``{"images", "labels", "indices"}``."""
+
+    def __init__(self, num_samples: int, seed: int) -> None:
+        from dinov3_pl.data.datasets import SyntheticShapes
+
+        self.shapes = SyntheticShapes(num_samples, image_size=32, seed=seed)
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+    def __getitem__(self, index: int) -> dict:
+        sample = self.shapes[index]
+        image = torch.from_numpy(sample["image"]).permute(2, 0, 1).float() / 255.0
+        return {"images": image, "labels": int(sample["label"]), "indices": index}
+
+
+class BankAndQueries(L.LightningDataModule):
+    def val_dataloader(self) -> list[DataLoader]:
+        return [DataLoader(LabelledShapes(40, seed=0), batch_size=16), DataLoader(LabelledShapes(24, 1), batch_size=16)]
+
+
+def reference_retrieval(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, query_labels):
+    """mAP and precision@1 of the bank ranked by cosine similarity, by torchmetrics (one retrieval query per row)."""
+    similarity = torch.nn.functional.normalize(queries, dim=1) @ torch.nn.functional.normalize(bank, dim=1).T
+    # torchmetrics counts a bank item with a score <= 0 as not retrieved; shifting cosines into [1, 3] keeps the
+    # ranking and makes every item retrieved, as in the docs' mAP.
+    similarity = similarity + 2
+    relevant = query_labels[:, None] == bank_labels[None, :]
+    query_ids = torch.arange(len(queries))[:, None].expand_as(similarity)
+    arguments = (similarity.flatten(), relevant.flatten())
+    mean_ap = RetrievalMAP()(*arguments, indexes=query_ids.flatten())
+    precision_at_1 = RetrievalPrecision(top_k=1)(*arguments, indexes=query_ids.flatten())
+    return mean_ap.item(), precision_at_1.item()
+
+
+def test_retrieval_example_on_fixed_features_matches_torchmetrics():
+    # Hand-made features: 6 classes of noisy clusters, the bank fed out of dataset order over several batches.
+    generator = torch.Generator().manual_seed(0)
+    centres = torch.randn(6, 12, generator=generator)
+    bank_labels, query_labels = torch.randint(0, 6, (50,), generator=generator), torch.arange(20) % 6
+    bank = centres[bank_labels] + 1.2 * torch.randn(50, 12, generator=generator)
+    queries = centres[query_labels] + 1.2 * torch.randn(20, 12, generator=generator)
+    model = LabelRetrieval(backbone_kwargs=TINY)
+    for part in torch.randperm(50, generator=generator).split(16):
+        model.update(bank[part], {"labels": bank_labels[part], "indices": part}, is_bank=True)
+    model.update(queries, {"labels": query_labels, "indices": torch.arange(20)}, is_bank=False)
+    result = model.compute()
+    expected_map, expected_precision = reference_retrieval(bank, bank_labels, queries, query_labels)
+    assert result["mAP"].item() == pytest.approx(expected_map, abs=1e-6)
+    assert result["precision_at_1"].item() == pytest.approx(expected_precision, abs=1e-6)
+    assert 0.3 < expected_map < 0.95  # informative: well above chance (~1/6), not trivially perfect
+
+
+def test_retrieval_example_validates_and_matches_torchmetrics_on_the_backbone_features():
+    torch.manual_seed(0)
+    model = LabelRetrieval(backbone_kwargs=TINY, feature_type="cls_meanpatch")
+    trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    logged = trainer.validate(model, datamodule=BankAndQueries())[0]
+    assert set(logged) == {"retrieval/mAP", "retrieval/precision_at_1"}
+    # Independent computation from the same backbone's features.
+    reference = []
+    for dataset in (LabelledShapes(40, seed=0), LabelledShapes(24, seed=1)):
+        samples = [dataset[i] for i in range(len(dataset))]
+        with torch.no_grad():
+            out = model.backbone(torch.stack([sample["images"] for sample in samples]))
+        reference += [
+            torch.cat([out["cls"], out["patch"].mean(1)], dim=1),
+            torch.tensor([s["labels"] for s in samples]),
+        ]
+    expected_map, expected_precision = reference_retrieval(*reference)
+    assert logged["retrieval/mAP"] == pytest.approx(expected_map, abs=1e-6)
+    assert logged["retrieval/precision_at_1"] == pytest.approx(expected_precision, abs=1e-6)
 
 
 # ---------------------------------------------------------------------------- the shipped classification configs

@@ -6,25 +6,28 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from dinov3_pl.metrics import KNNAccuracy
-from dinov3_pl.modules.frozen import FeatureType, FrozenBackboneModule
+from dinov3_pl.modules.bank_query import BankQueryEvaluation
+from dinov3_pl.modules.frozen import FeatureType
 
 __all__ = ["KNN"]
 
 
-class KNN(FrozenBackboneModule):
+class KNN(BankQueryEvaluation):
     """Weighted kNN evaluation (DINO/DINOv3 protocol): L2-normalised CLS features, k in {10, 20, 100, 200}, T=0.07.
 
-    Nothing is trained. The evaluation loaders must come as a pair ``[bank, queries]``: dataloader 0 is the bank
-    (the labelled train split, eval transform) and dataloader 1 the queries (val or test split), as
-    ``ClassificationDataModule(knn_mode=True)`` returns them. Logs ``knn/top1_k10``, ``knn/top5_k10``, ... at the
-    end of ``validate`` / ``test``, and ``knn/bank_size`` / ``knn/num_queries``, the numbers of rows that voted
-    and were classified (over all processes).
+    Nothing is trained. The evaluation loaders come as a pair ``[bank, queries]`` (``BankQueryEvaluation``):
+    dataloader 0 is the bank (the labelled train split, eval transform) and dataloader 1 the queries (val or test
+    split), as ``ClassificationDataModule(knn_mode=True)`` returns them. Logs ``knn/top1_k10``, ``knn/top5_k10``,
+    ... at the end of ``validate`` / ``test``, and ``knn/bank_size`` / ``knn/num_queries``, the numbers of rows that
+    voted and were classified (over all processes).
 
-    Under DDP each rank keeps only its shard of the bank and the search is sharded (see ``KNNAccuracy``); give both
-    loaders a sampler that splits the data without padding (``dinov3_pl.data.samplers.ShardedEvalSampler``, as
-    ``ClassificationDataModule`` does), or Lightning's ``DistributedSampler`` repeats samples to even the shards.
+    The bank is never gathered (the base's gathered store stays empty): under DDP each rank keeps its shard of the
+    bank and the search is sharded (see ``KNNAccuracy``). Give both loaders a sampler that splits the data without
+    padding (``dinov3_pl.data.samplers.ShardedEvalSampler``, as ``ClassificationDataModule`` does), or Lightning's
+    ``DistributedSampler`` repeats samples to even the shards and the repeats count twice.
 
     Args:
         arch, weights, backbone_kwargs, n_last_blocks, cache_eval_features: see ``FrozenBackboneModule``.
@@ -33,6 +36,8 @@ class KNN(FrozenBackboneModule):
         temperature: vote temperature.
         num_classes: number of classes (``None``: inferred from the labels seen).
     """
+
+    metric_prefix = "knn"
 
     def __init__(
         self,
@@ -57,42 +62,16 @@ class KNN(FrozenBackboneModule):
         self.save_hyperparameters()
         self.knn = KNNAccuracy(ks=ks, temperature=temperature, num_classes=num_classes)
 
-    def _update(self, batch: dict[str, Any], stage: str, dataloader_idx: int) -> None:
-        if dataloader_idx not in (0, 1):
-            raise ValueError(f"KNN expects two loaders [bank, queries]; got a batch from dataloader {dataloader_idx}")
-        if dataloader_idx == 1:
-            self._saw_queries = True
-        features = self.batch_features(batch, stage, dataloader_idx)
-        self.knn.update(features, batch["labels"], bank=dataloader_idx == 0)
+    def update(self, features: Tensor, batch: dict[str, Any], is_bank: bool) -> None:
+        self.knn.update(features, batch["labels"], bank=is_bank)
 
-    def _report(self) -> None:
-        if not getattr(self, "_saw_queries", False):
-            self.knn.reset()
-            raise ValueError(
-                "KNN got a single evaluation loader; it needs two, [bank, queries] (bank = labelled train split). "
-                "Use ClassificationDataModule(knn_mode=True) or return a list of two loaders."
-            )
+    def compute(self) -> dict[str, Tensor]:
         results = self.knn.compute()
         # How many rows the vote used, over all ranks: the dataset sizes exactly (no DDP padding duplicates).
         results["bank_size"] = torch.tensor(float(self.knn.bank_size))
         results["num_queries"] = torch.tensor(float(self.knn.num_queries))
+        return results
+
+    def reset(self) -> None:
+        super().reset()
         self.knn.reset()
-        self._saw_queries = False
-        # Every rank computed the same global values. sync_dist only silences Lightning's DDP warning; "max" keeps
-        # them exact where the default mean over, e.g., 3 ranks can round them by an ulp.
-        self.log_dict({f"knn/{name}": value for name, value in results.items()}, sync_dist=True, reduce_fx="max")
-
-    def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._update(batch, "val", dataloader_idx)
-
-    def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._update(batch, "test", dataloader_idx)
-
-    def on_validation_epoch_end(self) -> None:
-        self._report()
-
-    def on_test_epoch_end(self) -> None:
-        self._report()
-
-    def configure_optimizers(self) -> None:
-        raise RuntimeError("KNN trains nothing; run it with `dinov3-pl validate` or `dinov3-pl test`, not `fit`")
