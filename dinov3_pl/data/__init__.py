@@ -1,5 +1,6 @@
 """Datasets, multi-crop transforms, iBOT masking and the DataModules of pretraining and evaluation."""
 
+from dinov3_pl.data.benchmarks import ADE20K, COCODetection, ImageNet, PascalVOC
 from dinov3_pl.data.classification import ClassificationDataModule
 from dinov3_pl.data.datasets import FashionMNIST, ImageFolder, SyntheticShapes
 from dinov3_pl.data.decode import read_rgb
@@ -11,7 +12,9 @@ from dinov3_pl.data.samplers import ShardedEvalSampler
 from dinov3_pl.data.transforms import EvalTransform, MultiCropTransform
 
 __all__ = [
+    "ADE20K",
     "BlockMaskGenerator",
+    "COCODetection",
     "ClassificationDataModule",
     "CocoDetectionDataset",
     "DetectionDataModule",
@@ -20,8 +23,10 @@ __all__ = [
     "IBOTMaskCollator",
     "ImageFolder",
     "ImageFolderPredictDataModule",
+    "ImageNet",
     "MultiCropDataModule",
     "MultiCropTransform",
+    "PascalVOC",
     "SegmentationDataModule",
     "SegmentationFolder",
     "ShardedEvalSampler",
