@@ -29,7 +29,7 @@ def fit(root: Path, *extra: str) -> None:
             "--trainer.max_epochs=3",
             "--trainer.limit_train_batches=2",
             f"--model.init_args.optim.total_steps={TOTAL_STEPS}",  # the same schedules whether interrupted or not
-            "--data.init_args.num_samples=100",
+            "--data.init_args.train.init_args.num_samples=100",
             "--data.init_args.knn_monitor=false",
             *extra,
         ]

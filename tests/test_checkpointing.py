@@ -385,7 +385,7 @@ def test_sigterm_to_a_cli_fit_writes_a_checkpoint_that_resumes_exactly(tmp_path)
     six_steps = (
         "--trainer.max_steps=6",
         "--model.init_args.optim.total_steps=6",
-        "--data.init_args.num_samples=48",
+        "--data.init_args.train.init_args.num_samples=48",
         "--data.init_args.batch_size=8",
         "--data.init_args.knn_monitor=false",
     )

@@ -26,8 +26,13 @@ TINY_MODEL = (
     "--model.init_args.optim.freeze_last_layer_steps=1",
 )
 TINY_DATA = (
-    "--data.init_args.num_samples=35",
-    "--data.init_args.image_size=24",
+    "--data.init_args.train.init_args.num_samples=35",
+    "--data.init_args.train.init_args.image_size=24",
+    # The kNN monitor on 16 + 8 other shapes of 24 px (the demo's bank and queries, made smaller).
+    "--data.init_args.knn_bank.init_args.num_samples=16",
+    "--data.init_args.knn_bank.init_args.image_size=24",
+    "--data.init_args.knn_queries.init_args.num_samples=8",
+    "--data.init_args.knn_queries.init_args.image_size=24",
     "--data.init_args.patch_size=4",
     "--data.init_args.global_size=16",
     "--data.init_args.local_size=8",

@@ -38,7 +38,7 @@ def test_two_process_ddp_run_of_the_demo_recipe(tmp_path):
         + [
             *TWO_CPU_PROCESSES,
             "--trainer.callbacks+=tests.test_ssl_ddp.RanksAgree",
-            "--data.init_args.num_samples=96",
+            "--data.init_args.train.init_args.num_samples=96",
             "--trainer.check_val_every_n_epoch=1",
         ]  # 3 batches of 16 per rank
     )

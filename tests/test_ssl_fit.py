@@ -6,8 +6,10 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
+from torch.utils.data import Dataset
 
 from dinov3_pl.cli import main as cli_main
+from dinov3_pl.data.datasets import SyntheticShapes
 from dinov3_pl.data.multicrop import MultiCropDataModule
 from dinov3_pl.modules.ssl import DINOSSLModule
 from dinov3_pl.modules.ssl_config import BackboneConfig, HeadConfig, OptimConfig
@@ -28,11 +30,10 @@ def tiny_module(**optim) -> DINOSSLModule:
     )
 
 
-def tiny_data(**kwargs) -> MultiCropDataModule:
+def tiny_data(train: Dataset | None = None, **kwargs) -> MultiCropDataModule:
+    """Multi-crop batches of 8 from ``train`` (default: 32 embedded shapes of 24 px, 4 batches per epoch)."""
     options = dict(
-        dataset="synthetic",
-        num_samples=8 * STEPS_PER_EPOCH,
-        image_size=24,
+        train=SyntheticShapes(8 * STEPS_PER_EPOCH, image_size=24, seed=0) if train is None else train,
         patch_size=4,
         global_size=16,
         local_size=8,
@@ -125,7 +126,7 @@ def cli_args(tmp_path, *extra: str) -> list[str]:
         "--trainer.max_steps=3",
         "--trainer.enable_progress_bar=false",
         "--trainer.callbacks=[]",
-        "--data.init_args.num_samples=48",
+        "--data.init_args.train.init_args.num_samples=48",
         "--data.init_args.batch_size=16",
         "--data.init_args.num_workers=0",
         "--data.init_args.knn_bank_size=32",
@@ -144,6 +145,10 @@ def test_demo_config_fits_from_the_cli_and_checkpoint_rebuilds_the_backbone(tmp_
     assert cli.trainer.global_step == 3
     checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert checkpoint["backbone_config"]["timm_overrides"]["patch_size"] == 8
+    # The datasets are recorded by the run's config.yaml, not pickled into the checkpoint.
+    assert not {"train", "knn_bank", "knn_queries"} & set(checkpoint["datamodule_hyper_parameters"])
+    saved = (tmp_path / "config.yaml").read_text()
+    assert "SyntheticShapes" in saved and "num_samples: 48" in saved
     backbone = DINOv3Backbone(
         weights=str(tmp_path / "checkpoints" / "last.ckpt"),
         arch="vit_small_patch16_dinov3",

@@ -175,11 +175,12 @@ def test_print_config_shows_every_field_of_every_option_group(capsys):
 
 
 def test_bad_images_are_totalled_at_each_epoch_end_and_in_tensorboard(tmp_path):
+    from dinov3_pl.data import ImageFolder
     from tests.helpers import logged_scalars
     from tests.test_multicrop import _image_folder
 
     root = _image_folder(tmp_path / "images", num_good=7)  # 7 good images + 1 corrupt, batches of 4: 2 per epoch
-    data = tiny_data(dataset="folder", root=str(root), batch_size=4, knn_monitor=False)
+    data = tiny_data(ImageFolder(root), batch_size=4, knn_monitor=False)
     logger = TensorBoardLogger(tmp_path, name="bad_images")
     fit = trainer(tmp_path, max_epochs=2, logger=logger, enable_checkpointing=False, log_every_n_steps=1)
     with pytest.warns(UserWarning) as warned:

@@ -6,6 +6,11 @@ Train batches (crop-major: all images' crop 0, then all images' crop 1, ...; see
   ``labels`` long [B] (-1 unknown), ``num_bad_images`` int (undecodable images dropped from this batch),
   ``epoch`` int (the sampler epoch the batch was drawn from; it tells the DataModule where training stands).
 
+Images come from datasets of the sample contract (``dataset[i]`` is a dict with ``"image"``, uint8 [H, W, 3] RGB or
+a PIL image, and optionally ``"label"``, or ``None`` for an unreadable image), injected by ``class_path``:
+``MultiCropDataModule(train=ImageFolder("/data/images"))`` or, in YAML,
+``train: {class_path: dinov3_pl.data.ImageFolder, init_args: {root: /data/images}}``.
+
 Randomness: the sampler yields ``(epoch, index)`` keys, each sample's crops come from a generator seeded with
 ``(seed, epoch, index)`` and each batch's masks from ``(seed, epoch, indices of the batch)``. Workers therefore draw
 different crops, and a run is reproducible given the seed whatever the number of workers.
@@ -13,16 +18,19 @@ different crops, and a run is reproducible given the seed whatever the number of
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from typing import Any, Literal
+import inspect
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
-from dinov3_pl.data.datasets import FashionMNIST, ImageFolder, SyntheticShapes, default_fashion_mnist_root
-from dinov3_pl.data.decode import DEFAULT_MAX_IMAGE_PIXELS
+from dinov3_pl.data.datasets import ImageFolder, SyntheticShapes
 from dinov3_pl.data.masking import IBOTMaskCollator
 from dinov3_pl.data.samplers import ShardedEvalSampler
 from dinov3_pl.data.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform, MultiCropTransform
@@ -35,6 +43,57 @@ __all__ = [
     "collate_eval",
     "MultiCropDataModule",
 ]
+
+# The embedded default training data (``train=None``), as the demo has always drawn it.
+EMBEDDED_NUM_SAMPLES = 2048
+EMBEDDED_IMAGE_SIZE = 64
+
+
+def _describe(dataset: Dataset) -> str:
+    """The dataset's class, and its folder when it has one, for error messages."""
+    if isinstance(dataset, Subset):
+        return f"a subset of {_describe(dataset.dataset)}"
+    # Static lookup: a dataset that reads its files lazily must not be made to read them for a message.
+    root = inspect.getattr_static(dataset, "root", None)
+    return f"{type(dataset).__name__} at {root}" if isinstance(root, str | Path) else type(dataset).__name__
+
+
+def _declared_num_classes(dataset: Dataset) -> int | None:
+    """The ``num_classes`` a dataset declares (looked up through ``Subset`` wrappers), ``None`` if it declares none."""
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    num_classes = getattr(dataset, "num_classes", None)
+    return None if num_classes is None else int(num_classes)
+
+
+def _labels_hint(dataset: Dataset) -> str:
+    return (
+        " (an ImageFolder reads its class sub-folders as labels with with_labels: true)"
+        if isinstance(dataset, ImageFolder)
+        else ""
+    )
+
+
+def _seeded_subset(dataset: Dataset, size: int, generator: np.random.Generator) -> Dataset:
+    """``size`` samples of ``dataset`` drawn by ``generator``; the whole dataset, in its order, if not longer."""
+    if len(dataset) <= size:
+        return dataset
+    return Subset(dataset, generator.permutation(len(dataset))[:size].tolist())
+
+
+def _check_sample(sample: Any, dataset: Dataset, index: int) -> None:
+    if not isinstance(sample, Mapping) or "image" not in sample:
+        got = f"a dict with keys {sorted(sample)}" if isinstance(sample, Mapping) else f"a {type(sample).__name__}"
+        raise TypeError(
+            f"{_describe(dataset)} sample {index} is {got}; samples must be dicts with 'image' (uint8 [H, W, 3] RGB "
+            "or a PIL image) and optionally 'label' (int class id, -1 unknown), or None for an unreadable image"
+        )
+    image = sample["image"]
+    if not isinstance(image, np.ndarray | Image.Image):
+        raise TypeError(
+            f"{_describe(dataset)} sample {index} has a {type(image).__name__} image; expected uint8 [H, W, 3] RGB "
+            "(a numpy array) or a PIL image"
+        )
 
 
 class EpochSeedSampler(DistributedSampler):
@@ -108,6 +167,7 @@ class MultiCropDataset(Dataset):
         sample = self.dataset[index]
         if sample is None:
             return None
+        _check_sample(sample, self.dataset, index)
         crops = self.transform(sample["image"], np.random.default_rng((self.seed, epoch, index)))
         return {**crops, "label": int(sample.get("label", -1)), "index": index, "epoch": epoch}
 
@@ -175,6 +235,7 @@ class EvalDataset(Dataset):
         sample = self.dataset[index]
         if sample is None:
             return None
+        _check_sample(sample, self.dataset, index)
         return self.transform(sample["image"]), int(sample.get("label", -1))
 
 
@@ -192,26 +253,33 @@ def collate_eval(samples: Sequence[tuple[torch.Tensor, int] | None]) -> dict[str
 class MultiCropDataModule(LightningDataModule):
     """DINOv3 pretraining data: multi-crop train batches and, optionally, kNN-monitor validation loaders.
 
-    ``dataset``: ``"synthetic"`` (embedded :class:`SyntheticShapes`, ``num_samples`` images of ``image_size``),
-    ``"fashion_mnist"`` (``root`` or the Debian copy; ``download`` fetches it with torchvision) or ``"folder"``
-    (:class:`ImageFolder` below ``root``; undecodable files are skipped and counted, or raise with
-    ``on_bad_image="raise"``; images over ``max_image_pixels`` pixels are refused, ``None`` lifts the limit).
-    Transform arguments are those of :class:`MultiCropTransform` (upstream defaults); mask arguments those of
-    :class:`IBOTMaskCollator`.
+    The images come from datasets given as objects (in YAML by ``class_path``), any ``torch.utils.data.Dataset``
+    whose samples are dicts with ``"image"`` (uint8 [H, W, 3] RGB or a PIL image) and optionally ``"label"``, or
+    ``None`` for an unreadable file (dropped from its batch and counted): :class:`SyntheticShapes`,
+    :class:`FashionMNIST`, :class:`ImageFolder` (``on_bad_image``, ``max_image_pixels``) or a user's own class.
 
-    With ``knn_monitor=True`` and labelled data, ``val_dataloader()`` returns ``[bank_loader, query_loader]``
-    (``{"images", "labels"}`` batches, resize + centre crop to ``eval_size``): synthetic uses two fresh sample sets
-    (seeds ``seed + 1`` and ``seed + 2``, disjoint from training); Fashion-MNIST a train subset as bank and a test
-    subset as queries; a folder with class sub-folders a seeded disjoint split.
+    Args:
+        train: the pretraining images; labels are not needed. ``None``: the embedded :class:`SyntheticShapes`
+            (2048 images of 64 px drawn with ``seed``).
+        knn_bank, knn_queries: labelled datasets for the online kNN monitor (``knn_monitor=True``). Each one longer
+            than ``knn_bank_size`` / ``knn_query_size`` is cut to a seeded random subset of that size (bank first,
+            then queries, from one generator seeded with ``seed``). ``None``: taken from ``train`` if it is labelled
+            (``num_classes >= 2``): a seeded disjoint split when both are ``None``, a seeded subset otherwise. With
+            ``train=None`` and both ``None``: fresh embedded sets of ``knn_bank_size`` / ``knn_query_size`` images
+            (seeds ``seed + 1`` and ``seed + 2``, disjoint from training).
+        patch_size ... gram_size: the :class:`MultiCropTransform` (upstream defaults); mask arguments those of
+            :class:`IBOTMaskCollator`.
+        knn_monitor: ``val_dataloader()`` returns ``[bank_loader, query_loader]`` (``{"images", "labels"}``
+            batches, resize + centre crop to ``eval_size``, ``eval_resize_size``); off: no validation.
+        seed: seeds the crops, masks and sample order (see the module docstring), the kNN subsets and the embedded
+            default data.
     """
 
     def __init__(
         self,
-        dataset: Literal["synthetic", "fashion_mnist", "folder"] = "synthetic",
-        root: str | None = None,
-        download: bool = False,
-        num_samples: int = 2048,
-        image_size: int = 64,
+        train: Dataset | None = None,
+        knn_bank: Dataset | None = None,
+        knn_queries: Dataset | None = None,
         patch_size: int = 16,
         global_size: int = 224,
         local_size: int = 96,
@@ -239,8 +307,6 @@ class MultiCropDataModule(LightningDataModule):
         pin_memory: bool = True,
         persistent_workers: bool = True,
         drop_last: bool = True,
-        on_bad_image: Literal["skip", "raise"] = "skip",
-        max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
         knn_monitor: bool = False,
         knn_bank_size: int = 2048,
         knn_query_size: int = 1024,
@@ -250,11 +316,16 @@ class MultiCropDataModule(LightningDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
-        if dataset not in ("synthetic", "fashion_mnist", "folder"):
-            raise ValueError(f"dataset must be 'synthetic', 'fashion_mnist' or 'folder', got {dataset!r}")
-        if dataset == "folder" and not root:
-            raise ValueError("dataset='folder' needs root=<folder of images>")
+        # The datasets stay out of checkpoints (an in-memory set would bloat them, a lambda in one would fail to
+        # pickle); the CLI's config.yaml records them.
+        self.save_hyperparameters(ignore=["train", "knn_bank", "knn_queries"])
+        for name, dataset in (("train", train), ("knn_bank", knn_bank), ("knn_queries", knn_queries)):
+            is_map_style = hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")
+            if dataset is not None and (isinstance(dataset, str | bytes | os.PathLike) or not is_map_style):
+                raise TypeError(
+                    f"MultiCropDataModule {name} must be a map-style dataset (len() and dataset[i] -> dict with "
+                    f"'image'), got {type(dataset).__name__}; for a folder of images use dinov3_pl.data.ImageFolder"
+                )
         for name, size in (("global_size", global_size), ("gram_size", gram_size)):
             if size is not None and size % patch_size:
                 raise ValueError(f"{name} ({size}) must be divisible by patch_size ({patch_size})")
@@ -262,6 +333,15 @@ class MultiCropDataModule(LightningDataModule):
             raise ValueError(f"seed must be >= 0 (it seeds numpy SeedSequences), got {seed}")
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
+        for name, size in (("knn_bank_size", knn_bank_size), ("knn_query_size", knn_query_size)):
+            if size <= 0:
+                raise ValueError(f"{name} must be positive, got {size}")
+        if train is None:
+            train = SyntheticShapes(EMBEDDED_NUM_SAMPLES, EMBEDDED_IMAGE_SIZE, seed=seed)
+            if knn_monitor and knn_bank is None and knn_queries is None:
+                knn_bank = SyntheticShapes(knn_bank_size, EMBEDDED_IMAGE_SIZE, seed=seed + 1)
+                knn_queries = SyntheticShapes(knn_query_size, EMBEDDED_IMAGE_SIZE, seed=seed + 2)
+        self.datasets: dict[str, Dataset | None] = {"train": train, "knn_bank": knn_bank, "knn_queries": knn_queries}
         self.transform = MultiCropTransform(
             global_size=global_size,
             local_size=local_size,
@@ -294,74 +374,61 @@ class MultiCropDataModule(LightningDataModule):
         self.eval_transform = EvalTransform(
             eval_size, resize_size=eval_size if eval_resize_size is None else eval_resize_size, mean=mean, std=std
         )
-        self.train_dataset: Dataset | None = None
+        self.train_dataset: MultiCropDataset | None = None
         self.knn_bank_dataset: Dataset | None = None
         self.knn_query_dataset: Dataset | None = None
         # (sampler epoch, batches of it trained): restored from a checkpoint, then advanced by every trained batch.
         self._position: tuple[int, int] | None = None
 
     # ----------------------------------------------------------------------------------------------------------------
-    def _fashion_root(self) -> str:
-        root = self.hparams.root or default_fashion_mnist_root()
-        if root is None:
-            if self.hparams.download:
-                raise ValueError("dataset='fashion_mnist' with download=True needs root=<folder to download into>")
-            raise FileNotFoundError(
-                "Fashion-MNIST not found: give root=<folder with the idx .gz files>, install the Debian package "
-                "(`apt-get install dataset-fashion-mnist`) or set download=True with a root"
-            )
-        return root
+    def prepare_data(self) -> None:
+        """Runs ``prepare()`` (download, build files) of the datasets that have one: once per node under DDP."""
+        prepared: set[int] = set()
+        for dataset in self.datasets.values():
+            prepare = getattr(dataset, "prepare", None)
+            if callable(prepare) and id(dataset) not in prepared:
+                prepared.add(id(dataset))
+                prepare()
 
     def setup(self, stage: str | None = None) -> None:
-        hp = self.hparams
         if self.train_dataset is not None:
             return
-        if hp.dataset == "synthetic":
-            base = SyntheticShapes(hp.num_samples, hp.image_size, seed=hp.seed)
-            if hp.knn_monitor:
-                self.knn_bank_dataset = SyntheticShapes(hp.knn_bank_size, hp.image_size, seed=hp.seed + 1)
-                self.knn_query_dataset = SyntheticShapes(hp.knn_query_size, hp.image_size, seed=hp.seed + 2)
-        elif hp.dataset == "fashion_mnist":
-            root = self._fashion_root()
-            base = FashionMNIST(root, train=True, download=hp.download)
-            if hp.knn_monitor:
-                test = FashionMNIST(root, train=False, download=hp.download)
-                generator = np.random.default_rng(hp.seed)
-                bank_indices = generator.permutation(len(base))[: hp.knn_bank_size]
-                query_indices = generator.permutation(len(test))[: hp.knn_query_size]
-                self.knn_bank_dataset = Subset(base, bank_indices.tolist())
-                self.knn_query_dataset = Subset(test, query_indices.tolist())
-        else:
-            base = self._image_folder()
-            if hp.knn_monitor:
-                if base.num_classes < 2:
-                    raise ValueError(
-                        f"knn_monitor: true needs >= 2 class sub-folders in {hp.root} (found {base.num_classes}) for "
-                        "the kNN bank and queries; set data.init_args.knn_monitor=false to pretrain without labels"
-                    )
-                order = np.random.default_rng(hp.seed).permutation(len(base))
-                num_bank = min(hp.knn_bank_size, len(base) // 2)
-                self.knn_bank_dataset = Subset(base, order[:num_bank].tolist())
-                self.knn_query_dataset = Subset(base, order[num_bank : num_bank + hp.knn_query_size].tolist())
-        self.train_dataset = MultiCropDataset(base, self.transform, seed=hp.seed)
+        train = self.datasets["train"]
+        if self.hparams.knn_monitor:
+            self.knn_bank_dataset, self.knn_query_dataset = self._knn_datasets(train)
+        self.train_dataset = MultiCropDataset(train, self.transform, seed=self.hparams.seed)
 
-    def _image_folder(self) -> ImageFolder:
+    def _knn_datasets(self, train: Dataset) -> tuple[Dataset, Dataset]:
+        """The kNN monitor's bank and queries: given, or taken from a labelled ``train`` (see the class docstring)."""
         hp = self.hparams
-        try:
-            return ImageFolder(
-                hp.root,
-                with_labels=hp.knn_monitor,
-                on_bad_image=hp.on_bad_image,
-                max_image_pixels=hp.max_image_pixels,
-            )
-        except ValueError as error:
-            if not hp.knn_monitor or "with_labels" not in str(error):
-                raise
-            # The folder is fine for pretraining; only the online kNN monitor needs labels.
-            raise ValueError(
-                f"knn_monitor: true needs labelled images (class sub-folders of {hp.root}) for the kNN bank and "
-                f"queries ({error}). Set data.init_args.knn_monitor=false to pretrain on an unlabelled folder"
-            ) from None
+        bank, queries = self.datasets["knn_bank"], self.datasets["knn_queries"]
+        for name, dataset in (("knn_bank", bank), ("knn_queries", queries)):
+            num_classes = _declared_num_classes(dataset) if dataset is not None else None
+            if num_classes is not None and num_classes < 2:
+                raise ValueError(
+                    f"data.init_args.{name} ({_describe(dataset)}) has num_classes={num_classes}: the kNN monitor "
+                    f"needs labelled images{_labels_hint(dataset)}"
+                )
+        if bank is None or queries is None:
+            num_classes = _declared_num_classes(train)
+            if num_classes is None or num_classes < 2:
+                classes = "no num_classes attribute" if num_classes is None else f"num_classes={num_classes}"
+                raise ValueError(
+                    f"knn_monitor: true needs labelled images for the kNN bank and queries, and the training set "
+                    f"({_describe(train)}, {classes}) is unlabelled{_labels_hint(train)}: give "
+                    "data.init_args.knn_bank and data.init_args.knn_queries (labelled datasets), or set "
+                    "data.init_args.knn_monitor=false to pretrain without the kNN monitor"
+                )
+        generator = np.random.default_rng(hp.seed)
+        if bank is None and queries is None:
+            # Both from the training set: disjoint, so no query finds itself in the bank.
+            order = generator.permutation(len(train))
+            num_bank = min(hp.knn_bank_size, len(train) // 2)
+            bank_indices, query_indices = order[:num_bank], order[num_bank : num_bank + hp.knn_query_size]
+            return Subset(train, bank_indices.tolist()), Subset(train, query_indices.tolist())
+        bank = _seeded_subset(train if bank is None else bank, hp.knn_bank_size, generator)
+        queries = _seeded_subset(train if queries is None else queries, hp.knn_query_size, generator)
+        return bank, queries
 
     def _loader_options(self) -> dict[str, Any]:
         workers = self.hparams.num_workers
