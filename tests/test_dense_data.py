@@ -1,4 +1,5 @@
-"""Dense-eval data: ADE20K-style folder reader, COCO reader, DataModules, transforms and bad-input errors."""
+"""Dense-eval data: ADE20K-style folder reader, COCO reader, DataModules taking datasets as objects (the synthetic
+default, folders, COCO, a user's in-memory dataset), transforms and bad-input errors."""
 
 from __future__ import annotations
 
@@ -8,13 +9,19 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils.data import Dataset
 
+from dinov3_pl.data.datasets import SyntheticShapes
 from dinov3_pl.data.dense import (
     IGNORE_INDEX,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
     CocoDetectionDataset,
     DetectionDataModule,
     SegmentationDataModule,
     SegmentationFolder,
+    SyntheticShapeMasks,
+    detection_collate,
     segmentation_collate,
 )
 
@@ -57,10 +64,18 @@ def test_folder_errors(tmp_path):
         SegmentationFolder(tmp_path / "missing", "training")
 
 
+def _folder_splits(root, num_classes=None):
+    return {
+        "train": SegmentationFolder(root, "training", num_classes=num_classes),
+        "val": SegmentationFolder(root, "validation", num_classes=num_classes),
+    }
+
+
 def test_segmentation_datamodule_folder_and_label_check(tmp_path):
     good = np.array([[0, 1], [2, 255]], np.uint8).repeat(16, 0).repeat(16, 1)
     root = _write_segmentation_folder(tmp_path / "good", {"training": [good, good], "validation": [good]})
-    dm = SegmentationDataModule("folder", root=str(root), num_classes=3, image_size=16, batch_size=2)
+    dm = SegmentationDataModule(**_folder_splits(root, num_classes=3), image_size=16, batch_size=2)
+    assert dm.num_classes == 3
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
     assert batch["images"].shape == (2, 3, 16, 16) and batch["masks"].dtype == torch.long
@@ -69,16 +84,102 @@ def test_segmentation_datamodule_folder_and_label_check(tmp_path):
     val = next(iter(dm.val_dataloader()))
     assert val["images"].shape == (1, 3, 32, 32)
     torch.testing.assert_close(val["masks"][0], torch.as_tensor(good, dtype=torch.long))
+    # num_classes given to the DataModule supplies it for a folder that does not state it.
+    assert SegmentationDataModule(**_folder_splits(root), num_classes=4).num_classes == 4
 
     bad = good.copy()
     bad[0, 0] = 7
     root = _write_segmentation_folder(tmp_path / "bad", {"training": [bad], "validation": [bad]})
-    dm = SegmentationDataModule("folder", root=str(root), num_classes=3, image_size=16)
+    dm = SegmentationDataModule(**_folder_splits(root, num_classes=3), image_size=16)
     dm.setup("fit")
-    with pytest.raises(ValueError, match=r"label ids \[7\] >= num_classes=3"):
+    with pytest.raises(ValueError, match=r"img0\.jpg: label ids \[7\] outside 0\.\.2 for num_classes=3"):
         dm.train_set[0]
-    with pytest.raises(ValueError, match="needs root and num_classes"):
-        SegmentationDataModule("folder", root=str(root))
+
+
+def test_dense_datamodules_refuse_missing_splits_and_unknown_class_counts(tmp_path):
+    mask = np.zeros((8, 8), np.uint8)
+    root = _write_segmentation_folder(tmp_path, {"training": [mask], "validation": [mask]})
+    splits = _folder_splits(root)
+    with pytest.raises(ValueError, match="SegmentationDataModule: val is missing; give train and val datasets"):
+        SegmentationDataModule(train=splits["train"])
+    with pytest.raises(ValueError, match="DetectionDataModule: train is missing"):
+        DetectionDataModule(val=SyntheticShapes(4))
+    with pytest.raises(ValueError, match="train dataset SegmentationFolder has no num_classes attribute; pass num_cl"):
+        SegmentationDataModule(**splits)
+    with pytest.raises(ValueError, match="the splits state different num_classes"):
+        SegmentationDataModule(train=SyntheticShapeMasks(4), val=SyntheticShapes(4))
+    with pytest.raises(ValueError, match="num_classes must be a positive number of classes, got 0"):
+        SegmentationFolder(root, "training", num_classes=0)
+
+
+def test_synthetic_default_is_the_earlier_default():
+    """No datasets: 512 training / 128 validation shapes of image_size, seeds seed and seed + 1000003, exactly the
+    samples the earlier num_train/num_val defaults gave (the configs' measured numbers rely on them)."""
+    segmentation, detection = SegmentationDataModule(image_size=32, seed=3), DetectionDataModule(image_size=32, seed=3)
+    assert segmentation.num_classes == 9 and segmentation.class_names[0] == "background"
+    assert detection.num_classes == 8 and detection.class_names == list(SyntheticShapes.class_names)
+    for dm in (segmentation, detection):
+        train, val, test = (dm.datasets[split] for split in ("train", "val", "test"))
+        assert (len(train), len(val)) == (512, 128) and test is val
+        for dataset, seed in ((train, 3), (val, 3 + 1_000_003)):
+            expected = SyntheticShapes(len(dataset), 32, seed=seed)[5]
+            for key, value in dataset[5].items():
+                np.testing.assert_array_equal(value, expected[key])
+    assert not {"train", "val", "test", "num_classes"} & set(segmentation.hparams) and segmentation.hparams.seed == 3
+
+
+class _InMemoryMasks(Dataset):
+    """A user's segmentation data: PIL images (greyscale, so the DataModule must make them RGB) and PIL masks."""
+
+    num_classes = 3
+
+    def __len__(self) -> int:
+        return 3
+
+    def __getitem__(self, index: int) -> dict:
+        mask = np.zeros((12, 20), np.uint8)
+        mask[:, 10:] = 1 + index % 2
+        image = (np.arange(12 * 20).reshape(12, 20) + 40 * index) % 256
+        return {"image": Image.fromarray(image.astype(np.uint8)), "mask": Image.fromarray(mask)}
+
+
+def test_in_memory_pil_dataset_reaches_the_batches_as_rgb():
+    data = _InMemoryMasks()
+    dm = SegmentationDataModule(train=data, val=data, batch_size=3)
+    dm.setup("validate")
+    batch = next(iter(dm.val_dataloader()))
+    grey = np.stack([np.asarray(data[i]["image"], np.float32) / 255 for i in range(3)])
+    expected = (grey[:, None] - np.reshape(IMAGENET_MEAN, (1, 3, 1, 1))) / np.reshape(IMAGENET_STD, (1, 3, 1, 1))
+    torch.testing.assert_close(batch["images"], torch.as_tensor(expected, dtype=torch.float32))
+    np.testing.assert_array_equal(batch["masks"].numpy(), np.stack([np.asarray(data[i]["mask"]) for i in range(3)]))
+    assert dm.test_set is dm.val_set
+
+
+def test_unreadable_samples_are_dropped_and_counted_and_bad_samples_are_named():
+    kept = {"image": torch.zeros(3, 4, 4), "mask": torch.zeros(4, 4, dtype=torch.long)}
+    batch = segmentation_collate([kept, None, kept])
+    assert batch["images"].shape[0] == 2 and batch["num_bad_images"] == 1
+    target = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}
+    assert detection_collate([None, {"image": torch.zeros(3, 4, 4), "target": target}])["num_bad_images"] == 1
+    with pytest.raises(ValueError, match="all 2 samples of a batch were unreadable"):
+        segmentation_collate([None, None])
+
+    class Boxless(_InMemoryMasks):
+        num_classes = 2
+
+    dm = DetectionDataModule(train=Boxless(), val=Boxless())
+    dm.setup("fit")
+    with pytest.raises(ValueError, match=r"train dataset Boxless sample 0: a detection sample needs 'boxes'"):
+        dm.train_set[0]
+
+    class FloatImages(_InMemoryMasks):
+        def __getitem__(self, index):
+            return {"image": np.zeros((12, 20, 3), np.float32), "mask": np.zeros((12, 20), np.uint8)}
+
+    dm = SegmentationDataModule(train=FloatImages(), val=FloatImages())
+    dm.setup("fit")
+    with pytest.raises(ValueError, match=r"'image' must be uint8 \[H, W, 3\] RGB or a PIL image, got float32"):
+        dm.val_set[0]
 
 
 def test_segmentation_collate_pads_with_ignore():
@@ -136,16 +237,10 @@ def test_coco_reader_errors(tmp_path):
 def test_detection_datamodule_coco_batches(tmp_path):
     annotations = [{"id": 1, "image_id": 5, "category_id": 7, "bbox": [2, 3, 10, 5]}]
     path = _write_coco(tmp_path, annotations)
-    dm = DetectionDataModule(
-        "coco",
-        image_root=str(tmp_path / "imgs"),
-        train_annotations=str(path),
-        val_annotations=str(path),
-        image_size=80,
-        batch_size=2,
-    )
-    dm.setup("fit")
+    coco = CocoDetectionDataset(tmp_path / "imgs", path)
+    dm = DetectionDataModule(train=coco, val=coco, image_size=80, batch_size=2)
     assert dm.num_classes == 2 and dm.class_names == ["three", "seven"]
+    dm.setup("fit")
     val = next(iter(dm.val_dataloader()))
     assert val["images"].shape == (1, 3, 80, 80) and isinstance(val["targets"], list)
     # Longest side 40 -> 80 (x2), padded at the bottom/right: the box scales by 2.
@@ -157,9 +252,35 @@ def test_detection_datamodule_coco_batches(tmp_path):
         assert len(boxes) == len(target["labels"]) and ((boxes >= 0) & (boxes <= 80)).all()
 
 
-def test_detection_datamodule_synthetic():
-    dm = DetectionDataModule("synthetic", image_size=32, batch_size=4, num_train=8, num_val=4)
+def test_detection_datamodule_refuses_splits_with_other_categories(tmp_path):
+    path = _write_coco(tmp_path, [])
+    other = json.loads(path.read_text())
+    other["categories"] = [{"id": 7, "name": "seven"}, {"id": 4, "name": "four"}]
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    train = CocoDetectionDataset(tmp_path / "imgs", path)
+    val = CocoDetectionDataset(tmp_path / "imgs", tmp_path / "other.json")
+    with pytest.raises(ValueError, match=r"train and val annotations have different categories: \[3, 7\] vs \[4, 7\]"):
+        DetectionDataModule(train=train, val=val)
+    renamed = dict(other, categories=[{"id": 7, "name": "seven"}, {"id": 3, "name": "tree"}])
+    (tmp_path / "renamed.json").write_text(json.dumps(renamed))
+    with pytest.raises(ValueError, match=r"test dataset CocoDetectionDataset names its classes \['tree', 'seven'\]"):
+        DetectionDataModule(
+            train=train, val=train, test=CocoDetectionDataset(tmp_path / "imgs", tmp_path / "renamed.json")
+        )
+    with pytest.raises(ValueError, match="num_classes=3 but the datasets name 2 classes"):
+        DetectionDataModule(train=train, val=train, num_classes=3)
+
+
+def test_detection_datamodule_synthetic_and_a_separate_test_split():
+    dm = DetectionDataModule(
+        train=SyntheticShapes(8, 32),
+        val=SyntheticShapes(4, 32, seed=1),
+        test=SyntheticShapes(6, 32, seed=2),
+        image_size=32,
+        batch_size=4,
+    )
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
     assert batch["images"].shape == (4, 3, 32, 32) and len(batch["targets"]) == 4
     assert all(t["labels"].max() < dm.num_classes for t in batch["targets"] if len(t["labels"]))
+    assert len(dm.val_dataloader().dataset) == 4 and len(dm.test_dataloader().dataset) == 6

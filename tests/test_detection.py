@@ -11,7 +11,9 @@ import pytest
 import torch
 from torch.nn import functional as F
 
+from dinov3_pl.data.datasets import SyntheticShapes
 from dinov3_pl.data.dense import DetectionDataModule
+from dinov3_pl.data.scenes import FashionMNISTScenes
 from dinov3_pl.models.dense_heads import SimpleFeaturePyramid
 from dinov3_pl.modules.detection import Detection, detection_overlay
 from tests.helpers import fit_one_epoch, logged_image_tags, run_cli
@@ -156,7 +158,9 @@ def test_fit_keeps_backbone_bit_identical_and_logs(tmp_path):
     model = Detection(num_classes=8, backbone_kwargs=TINY, lr=1e-3, **SMALL_HEADS)
     backbone_before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
     pyramid_before = [p.detach().clone() for p in model.detector.backbone.pyramid.parameters()]
-    data = DetectionDataModule("synthetic", image_size=32, batch_size=4, num_train=8, num_val=4)
+    data = DetectionDataModule(
+        train=SyntheticShapes(8, 32), val=SyntheticShapes(4, 32, seed=1_000_003), image_size=32, batch_size=4
+    )
     trainer, logger = fit_one_epoch(model, data, tmp_path, "det", callbacks=[_BackboneModeProbe()])
     for key, value in model.backbone.state_dict().items():
         assert torch.equal(value, backbone_before[key]), f"backbone changed: {key}"
@@ -179,6 +183,8 @@ def test_synthetic_config_runs_through_the_cli(tmp_path):
             f"--trainer.default_root_dir={tmp_path}",
             "--data.init_args.batch_size=2",
             "--data.init_args.image_size=32",
+            "--data.init_args.train.init_args.image_size=32",
+            "--data.init_args.val.init_args.image_size=32",
             "--model.init_args.pyramid_channels=16",
         ]
     )
@@ -187,5 +193,7 @@ def test_synthetic_config_runs_through_the_cli(tmp_path):
 
 def test_fmnist_scenes_config_instantiates():
     cli = run_cli(["--config", str(CONFIGS / "detection_fmnist_scenes.yaml")])
-    assert isinstance(cli.model, Detection) and cli.model.num_classes == 10
-    assert cli.datamodule.hparams.dataset == "fmnist_scenes"
+    assert isinstance(cli.model, Detection) and cli.model.num_classes == 10 == cli.datamodule.num_classes
+    assert cli.datamodule.class_names == cli.model.hparams.class_names  # the config's names are the dataset's
+    train = cli.datamodule.datasets["train"]
+    assert isinstance(train, FashionMNISTScenes) and train.task == "detection" and train._reader is None

@@ -1,4 +1,5 @@
-"""Fashion-MNIST scenes builder on tiny fake idx files: determinism, masks vs boxes, COCO API, DataModules."""
+"""Fashion-MNIST scenes builder on tiny fake idx files: determinism, masks vs boxes, COCO API, the FashionMNISTScenes
+dataset (built by prepare_data, read lazily) in the DataModules."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dinov3_pl.data.scenes import build_fmnist_scenes, ensure_fmnist_scenes, main
+from dinov3_pl.data.dense import CocoDetectionDataset, DetectionDataModule, SegmentationDataModule, SegmentationFolder
+from dinov3_pl.data.scenes import FashionMNISTScenes, build_fmnist_scenes, ensure_fmnist_scenes, main
 
 
 def _write_idx(path, array):
@@ -85,26 +87,53 @@ def test_masks_consistent_with_boxes_and_coco_api(fake_fmnist, tmp_path):
         assert (covered == labelled).all(), "every labelled pixel lies in a box of its class, and only those"
 
 
-def test_ensure_builds_once_and_datamodules_read_it(fake_fmnist, tmp_path):
-    from dinov3_pl.data.dense import DetectionDataModule, SegmentationDataModule
+def _scenes(root, fmnist_root, task, **build):
+    build = {"num_train": 4, "num_val": 2, **build}
+    return {
+        split: FashionMNISTScenes(root, split, task, fmnist_root=fmnist_root, **build) for split in ("train", "val")
+    }
 
+
+def test_prepare_data_builds_once_and_the_datamodules_read_it_lazily(fake_fmnist, tmp_path):
     root = tmp_path / "scenes"
-    kwargs = dict(root=str(root), fmnist_root=str(fake_fmnist), num_train=4, num_val=2)
-    seg = SegmentationDataModule("fmnist_scenes", image_size=32, batch_size=2, **kwargs)
-    seg.setup("fit")
-    assert seg.num_classes == 11 and len(seg.train_set) == 4 and len(seg.val_set) == 2
-    assert next(iter(seg.val_dataloader()))["masks"].shape[-2:] == (112, 112)
+    seg = SegmentationDataModule(**_scenes(root, str(fake_fmnist), "segmentation"), image_size=32, batch_size=2)
+    # Nothing is read or written before prepare_data: the class attributes give the class count.
+    assert not root.exists() and seg.num_classes == 11 and seg.class_names[:2] == ["background", "T-shirt/top"]
+    seg.prepare_data()
     stamp = (root / "scenes_meta.json").stat().st_mtime_ns
-    det = DetectionDataModule("fmnist_scenes", image_size=56, batch_size=2, **kwargs)
-    det.setup("fit")  # reads the existing build
+    seg.setup("fit")
+    assert len(seg.train_set) == 4 and len(seg.val_set) == 2
+    assert next(iter(seg.val_dataloader()))["masks"].shape[-2:] == (112, 112)
+    # The samples are the generic readers' samples of the same build.
+    expected = SegmentationFolder(root, "validation")[1]
+    for key in ("image", "mask", "path"):
+        np.testing.assert_array_equal(seg.datasets["val"][1][key], expected[key])
+
+    det = DetectionDataModule(**_scenes(root, str(fake_fmnist), "detection"), image_size=56, batch_size=2)
+    det.prepare_data()  # the build is there with these settings: nothing is rebuilt
+    det.setup("fit")
     assert (root / "scenes_meta.json").stat().st_mtime_ns == stamp
     assert det.num_classes == 10 and det.class_names[0] == "T-shirt/top"
     batch = next(iter(det.val_dataloader()))
     coco = json.loads((root / "instances_val.json").read_text())
     first = [a for a in coco["annotations"] if a["image_id"] == coco["images"][0]["id"]]
     assert len(batch["targets"][0]["boxes"]) == len(first)
+    expected = CocoDetectionDataset(root / "images", root / "instances_train.json")[0]
+    for key in ("boxes", "box_labels", "path"):
+        np.testing.assert_array_equal(det.datasets["train"][0][key], expected[key])
+
     with pytest.raises(ValueError, match="other settings"):
         ensure_fmnist_scenes(root, fake_fmnist, num_train=5, num_val=2)
+    with pytest.raises(ValueError, match=r"other settings \(have, want\): \{'canvas_size': \(112, 64\)\}"):
+        len(FashionMNISTScenes(root, "val", canvas_size=64, num_train=4, num_val=2, fmnist_root=fake_fmnist))
+
+
+def test_scenes_read_without_prepare_data_build_on_first_use(fake_fmnist, tmp_path):
+    scenes = FashionMNISTScenes(tmp_path / "lazy", "val", "detection", fmnist_root=fake_fmnist, num_train=2, num_val=3)
+    assert not (tmp_path / "lazy").exists()
+    assert len(scenes) == 3 and (tmp_path / "lazy" / "scenes_meta.json").is_file()
+    with pytest.raises(ValueError, match="split must be 'train' or 'val', got 'validation'"):
+        FashionMNISTScenes(tmp_path, "validation")
 
 
 def test_bad_inputs_and_command(fake_fmnist, tmp_path):

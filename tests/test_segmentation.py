@@ -1,5 +1,6 @@
 """Linear segmentation on a frozen backbone: mIoU vs a hand-computed confusion matrix, sliding window, end-to-end
-fit with the backbone unchanged, TensorBoard overlays, configs through the CLI."""
+fit with the backbone unchanged, TensorBoard overlays, a user's in-memory dataset through the Python API, datasets
+by class_path through the CLI, configs through the CLI."""
 
 from __future__ import annotations
 
@@ -7,11 +8,16 @@ import math
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
+import yaml
+from PIL import Image
 from torch import nn
+from torch.utils.data import Dataset
 
-from dinov3_pl.data.dense import SegmentationDataModule
+from dinov3_pl.data.dense import SegmentationDataModule, SegmentationFolder, SyntheticShapeMasks
+from dinov3_pl.data.scenes import FashionMNISTScenes
 from dinov3_pl.models.dense_heads import LinearSegmentationHead, sliding_window_logits
 from dinov3_pl.modules.frozen import lr_factor
 from dinov3_pl.modules.segmentation import Segmentation, colour_palette, segmentation_overlay
@@ -98,7 +104,9 @@ def test_fit_trains_head_only_and_logs_overlays(tmp_path):
     model = Segmentation(num_classes=9, backbone_kwargs=TINY, lr=1e-2, log_images_every_n_epochs=1)
     backbone_before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
     head_before = model.head.classifier.weight.detach().clone()
-    data = SegmentationDataModule("synthetic", image_size=32, batch_size=8, num_train=16, num_val=8)
+    data = SegmentationDataModule(
+        train=SyntheticShapeMasks(16, 32), val=SyntheticShapeMasks(8, 32, seed=1_000_003), image_size=32, batch_size=8
+    )
     trainer, logger = fit_one_epoch(model, data, tmp_path, "seg", callbacks=[_BackboneModeProbe()])
     for key, value in model.backbone.state_dict().items():
         assert torch.equal(value, backbone_before[key]), f"backbone changed: {key}"
@@ -125,7 +133,106 @@ def test_synthetic_config_runs_through_the_cli(tmp_path):
 
 
 def test_fmnist_scenes_config_instantiates():
-    # Builds model and DataModule from the YAML without fitting (no Fashion-MNIST needed).
+    # Builds model and DataModule from the YAML without fitting: the scenes dataset reads nothing before prepare_data
+    # (no Fashion-MNIST needed).
     cli = run_cli(["--config", str(CONFIGS / "segmentation_fmnist_scenes.yaml")])
-    assert isinstance(cli.model, Segmentation) and cli.model.num_classes == 11
-    assert cli.datamodule.hparams.dataset == "fmnist_scenes" and cli.model.hparams.inference == "slide"
+    assert isinstance(cli.model, Segmentation) and cli.model.num_classes == 11 == cli.datamodule.num_classes
+    train, val = cli.datamodule.datasets["train"], cli.datamodule.datasets["val"]
+    assert isinstance(train, FashionMNISTScenes) and (train.split, val.split) == ("train", "val")
+    assert train.task == "segmentation" and train._reader is None and cli.model.hparams.inference == "slide"
+
+
+class GreyBands(Dataset):
+    """A user's own segmentation data in memory: PIL greyscale images whose bright band is class 1, dark band
+    class 2, background 0. Importable, so configs can name it by class_path."""
+
+    num_classes = 3
+
+    def __init__(self, count: int = 8, size: int = 32) -> None:
+        self.count, self.size = count, size
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: int) -> dict:
+        rng = np.random.default_rng(index)
+        mask = np.zeros((self.size, self.size), np.uint8)
+        top = int(rng.integers(0, self.size // 2))
+        mask[top : top + 8] = 1
+        mask[:, :4] = 2
+        image = np.choose(mask, [100, 220, 20]).astype(np.uint8) + rng.integers(0, 20, mask.shape, dtype=np.uint8)
+        return {"image": Image.fromarray(image), "mask": Image.fromarray(mask)}
+
+
+def test_user_in_memory_dataset_fits_through_the_python_api(tmp_path):
+    torch.manual_seed(0)
+    model = Segmentation(num_classes=3, backbone_kwargs=TINY, lr=1e-2)
+    data = SegmentationDataModule(train=GreyBands(8), val=GreyBands(4), image_size=32, batch_size=4)
+    trainer = L.Trainer(
+        fast_dev_run=2, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False
+    )
+    trainer.fit(model, datamodule=data)
+    assert math.isfinite(trainer.callback_metrics["train/loss"]) and 0 <= trainer.callback_metrics["val/mIoU"] <= 1
+    # The datasets stay out of the checkpoint (an in-memory one would bloat it); the DataModule's settings go in.
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=False)["datamodule_hyper_parameters"]
+    assert saved["batch_size"] == 4 and not {"train", "val", "test"} & set(saved)
+
+
+def test_model_and_data_class_counts_must_agree():
+    model = Segmentation(num_classes=5, backbone_kwargs=TINY)
+    trainer = L.Trainer(fast_dev_run=1, accelerator="cpu", logger=False, enable_progress_bar=False)
+    expected = r"Segmentation has num_classes=5 but the segmentation data have 3 \(GreyBands\); set model.init_args"
+    with pytest.raises(ValueError, match=expected):
+        trainer.fit(model, datamodule=SegmentationDataModule(train=GreyBands(4), val=GreyBands(4)))
+
+
+def test_datasets_by_class_path_through_the_cli(tmp_path):
+    """A YAML that names the datasets by class_path (a user's class and SegmentationFolder), a root given on the
+    command line, fit through dinov3-pl's CLI; its saved config.yaml records the datasets."""
+    folder = tmp_path / "folder"
+    for split, count in (("training", 4), ("validation", 2)):
+        (folder / "images" / split).mkdir(parents=True)
+        (folder / "annotations" / split).mkdir(parents=True)
+        for index in range(count):
+            sample = GreyBands()[index]
+            sample["image"].convert("RGB").save(folder / "images" / split / f"{index}.png")
+            sample["mask"].save(folder / "annotations" / split / f"{index}.png")
+    config = {
+        "trainer": {"accelerator": "cpu", "enable_progress_bar": False, "default_root_dir": str(tmp_path / "run")},
+        "model": {"class_path": "dinov3_pl.modules.segmentation.Segmentation", "init_args": {"num_classes": 3}},
+        "data": {
+            "class_path": "dinov3_pl.data.dense.SegmentationDataModule",
+            "init_args": {
+                "train": {"class_path": "tests.test_segmentation.GreyBands", "init_args": {"count": 4}},
+                "val": {
+                    "class_path": "dinov3_pl.data.SegmentationFolder",
+                    "init_args": {"root": "set/on/the/command/line", "split": "validation", "num_classes": 3},
+                },
+                "image_size": 32,
+                "batch_size": 2,
+            },
+        },
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    tiny = "{depth: 2, embed_dim: 32, num_heads: 2, patch_size: 8, img_size: 32}"
+    cli = run_cli(
+        [
+            "fit",
+            "--config",
+            str(path),
+            f"--model.init_args.backbone_kwargs={tiny}",
+            f"--data.init_args.val.init_args.root={folder}",
+            "--trainer.max_epochs=1",
+            "--trainer.limit_train_batches=1",
+            "--trainer.limit_val_batches=1",
+            "--trainer.num_sanity_val_steps=0",
+        ]
+    )
+    data = cli.datamodule
+    # Imported by its class_path (pytest may have imported this file under another module name).
+    assert type(data.datasets["train"]).__name__ == "GreyBands" and isinstance(data.datasets["val"], SegmentationFolder)
+    assert data.num_classes == 3 and len(data.val_set) == 2 and "val/mIoU" in cli.trainer.callback_metrics
+    saved = yaml.safe_load(Path(cli.trainer.log_dir, "config.yaml").read_text())["data"]["init_args"]
+    assert saved["val"]["init_args"]["root"] == str(folder) and saved["train"]["class_path"].endswith("GreyBands")

@@ -8,6 +8,12 @@ background class itself.
 
 Batches: segmentation ``{"images": float [B,3,H,W] (ImageNet-normalised), "masks": long [B,H,W]}``; detection
 ``{"images": float [B,3,S,S] (ImageNet-normalised), "targets": [{"boxes": float [K,4] xyxy, "labels": long [K]}]}``.
+
+The DataModules take their datasets as objects (``train``, ``val``, ``test``; in YAML by ``class_path``): any
+``torch.utils.data.Dataset`` whose samples are dicts with ``"image"`` (uint8 [H,W,3] or a PIL image) and
+``"mask"`` (segmentation) or ``"boxes"`` + ``"box_labels"`` (detection), and which states ``num_classes`` (or the
+DataModule is given it). Without datasets they use the embedded shapes (:class:`SyntheticShapeMasks` /
+:class:`~dinov3_pl.data.datasets.SyntheticShapes`).
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from dinov3_pl.data.datasets import FashionMNIST, SyntheticShapes
+from dinov3_pl.data.datasets import SHAPE_CLASS_NAMES, SyntheticShapes
 
 # Images are decoded as viewers show them (EXIF orientation applied, as OpenCV's and mmcv's readers do); label maps
 # are read as stored.
@@ -41,6 +47,7 @@ __all__ = [
     "DetectionDataModule",
     "SegmentationDataModule",
     "SegmentationFolder",
+    "SyntheticShapeMasks",
     "detection_collate",
     "segmentation_collate",
 ]
@@ -51,15 +58,30 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
 
+def _positive_count(value: object, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+        raise ValueError(f"{what} must be a positive number of classes, got {value!r}")
+    return int(value)
+
+
 # ------------------------------------------------------------------------------------------------ datasets
 class SegmentationFolder(Dataset):
     """ADE20K-style folder: ``root/images/<split>/*.jpg|png`` with ``root/annotations/<split>/<same stem>.png``.
 
     Samples are ``{"image": uint8 [H,W,3], "mask": uint8 [H,W], "path": str}`` in the label convention of the
-    module docstring (after ``reduce_zero_label`` when set).
+    module docstring (after ``reduce_zero_label`` when set). ``num_classes`` (classes of the mask ids, background
+    included where it is a class) is what ``SegmentationDataModule`` reads when it is not given one; a folder cannot
+    tell it from its files without reading every label map.
     """
 
-    def __init__(self, root: str | Path, split: str = "training", reduce_zero_label: bool = False) -> None:
+    def __init__(
+        self,
+        root: str | Path,
+        split: str = "training",
+        reduce_zero_label: bool = False,
+        num_classes: int | None = None,
+    ) -> None:
+        self.num_classes = None if num_classes is None else _positive_count(num_classes, "num_classes")
         self.root = Path(root)
         image_dir, label_dir = self.root / "images" / split, self.root / "annotations" / split
         for folder in (image_dir, label_dir):
@@ -174,40 +196,98 @@ class CocoDetectionDataset(Dataset):
         }
 
 
+class SyntheticShapeMasks(Dataset):
+    """The embedded :class:`~dinov3_pl.data.datasets.SyntheticShapes` as segmentation data: the same samples, with
+    ``num_classes`` and ``class_names`` counting the background (mask id 0), as segmentation counts classes.
+
+    ``SyntheticShapes`` itself states its 8 shape classes (right for classification and detection); its masks hold
+    ids 0..8, so a segmentation head needs 9.
+    """
+
+    class_names: tuple[str, ...] = ("background", *SHAPE_CLASS_NAMES)
+    num_classes: int = len(class_names)
+
+    def __init__(self, num_samples: int = 2048, image_size: int = 64, seed: int = 0, grayscale: bool = True) -> None:
+        # Wrapped, not subclassed: SyntheticShapes draws its shapes from its own num_classes.
+        self.shapes = SyntheticShapes(num_samples=num_samples, image_size=image_size, seed=seed, grayscale=grayscale)
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.shapes[index]
+
+
 class _Transformed(Dataset):
-    """Applies an albumentations pipeline to samples of a dataset and checks their labels."""
+    """Applies an albumentations pipeline to the samples of a split and checks them against the sample contract:
+    PIL images become uint8 arrays here (the one place), labels must lie in ``0..num_classes-1``, and ``None``
+    (an unreadable sample) passes through for the collate to drop."""
 
     def __init__(
-        self, dataset: Dataset, transform: A.Compose, kind: Literal["segmentation", "detection"], num_classes: int
+        self,
+        dataset: Dataset,
+        transform: A.Compose,
+        kind: Literal["segmentation", "detection"],
+        num_classes: int,
+        name: str,
     ) -> None:
         if len(dataset) == 0:
-            raise ValueError(f"the {kind} dataset {type(dataset).__name__} is empty")
-        self.dataset, self.transform, self.kind, self.num_classes = dataset, transform, kind, num_classes
+            raise ValueError(f"the {name} is empty")
+        self.dataset, self.transform, self.kind, self.num_classes, self.name = (
+            dataset,
+            transform,
+            kind,
+            num_classes,
+            name,
+        )
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int) -> dict:
+    def _image(self, sample: dict, where: str) -> np.ndarray:
+        image = sample.get("image")
+        if isinstance(image, Image.Image):
+            image = image.convert("RGB")
+        image = None if image is None else np.asarray(image)
+        if image is None or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            got = "no 'image'" if image is None else f"{image.dtype} {list(image.shape)}"
+            raise ValueError(f"{where}: 'image' must be uint8 [H, W, 3] RGB or a PIL image, got {got}")
+        return image
+
+    def __getitem__(self, index: int) -> dict | None:
         sample = self.dataset[index]
-        where = sample.get("path", f"sample {index}")
+        if sample is None:
+            return None
+        where = sample.get("path") or f"{self.name} sample {index}"
+        image = self._image(sample, where)
         if self.kind == "segmentation":
+            if "mask" not in sample:
+                raise ValueError(
+                    f"{where}: a segmentation sample needs 'mask' (class ids [H, W]); got {sorted(sample)}"
+                )
             mask = np.asarray(sample["mask"])
-            if mask.shape != sample["image"].shape[:2]:
-                raise ValueError(f"{where}: mask {mask.shape} and image {sample['image'].shape[:2]} differ in size")
-            bad = np.unique(mask[(mask != IGNORE_INDEX) & (mask >= self.num_classes)])
+            if mask.shape != image.shape[:2]:
+                raise ValueError(f"{where}: mask {mask.shape} and image {image.shape[:2]} differ in size")
+            bad = np.unique(mask[(mask != IGNORE_INDEX) & ((mask >= self.num_classes) | (mask < 0))])
             if bad.size:
                 raise ValueError(
-                    f"{where}: label ids {bad.tolist()} >= num_classes={self.num_classes} "
-                    f"(only {IGNORE_INDEX} = ignore may exceed it)"
+                    f"{where}: label ids {bad.tolist()} outside 0..{self.num_classes - 1} for "
+                    f"num_classes={self.num_classes} (only {IGNORE_INDEX} = ignore may exceed it)"
                 )
-            out = self.transform(image=sample["image"], mask=mask.astype(np.uint8))
+            out = self.transform(image=image, mask=mask.astype(np.uint8))
             return {"image": _to_chw(out["image"]), "mask": torch.as_tensor(out["mask"], dtype=torch.long)}
-        labels = np.asarray(sample["box_labels"], np.int64)
+        if "boxes" not in sample or "box_labels" not in sample:
+            raise ValueError(
+                f"{where}: a detection sample needs 'boxes' (float [K, 4] xyxy pixels) and 'box_labels' (int [K]); "
+                f"got {sorted(sample)}"
+            )
+        labels = np.asarray(sample["box_labels"], np.int64).reshape(-1)
         if labels.size and (labels.min() < 0 or labels.max() >= self.num_classes):
-            raise ValueError(f"{where}: box labels {np.unique(labels).tolist()} outside 0..{self.num_classes - 1}")
-        out = self.transform(
-            image=sample["image"], bboxes=np.asarray(sample["boxes"], np.float32).reshape(-1, 4), labels=labels
-        )
+            raise ValueError(
+                f"{where}: box labels {np.unique(labels).tolist()} outside 0..{self.num_classes - 1} "
+                f"for num_classes={self.num_classes}"
+            )
+        out = self.transform(image=image, bboxes=np.asarray(sample["boxes"], np.float32).reshape(-1, 4), labels=labels)
         boxes = torch.as_tensor(np.asarray(out["bboxes"], np.float32).reshape(-1, 4))
         return {
             "image": _to_chw(out["image"]),
@@ -219,22 +299,38 @@ def _to_chw(image: np.ndarray) -> Tensor:
     return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float()
 
 
-def segmentation_collate(samples: Sequence[dict]) -> dict[str, Tensor]:
-    """Stacks images and masks; pads to the largest size in the batch (image 0 = mean colour, mask 255)."""
-    height = max(s["image"].shape[1] for s in samples)
-    width = max(s["image"].shape[2] for s in samples)
-    images = torch.zeros(len(samples), 3, height, width)
-    masks = torch.full((len(samples), height, width), IGNORE_INDEX, dtype=torch.long)
-    for i, sample in enumerate(samples):
+def _readable(samples: Sequence[dict | None]) -> list[dict]:
+    kept = [sample for sample in samples if sample is not None]
+    if not kept:
+        # The dense modules have no empty-batch step; a whole batch of unreadable files is worth stopping for.
+        raise ValueError(f"all {len(samples)} samples of a batch were unreadable (the dataset returned None)")
+    return kept
+
+
+def segmentation_collate(samples: Sequence[dict | None]) -> dict[str, Tensor]:
+    """Stacks images and masks; pads to the largest size in the batch (image 0 = mean colour, mask 255). Unreadable
+    samples (``None``) are dropped and counted in ``num_bad_images``."""
+    kept = _readable(samples)
+    height = max(s["image"].shape[1] for s in kept)
+    width = max(s["image"].shape[2] for s in kept)
+    images = torch.zeros(len(kept), 3, height, width)
+    masks = torch.full((len(kept), height, width), IGNORE_INDEX, dtype=torch.long)
+    for i, sample in enumerate(kept):
         h, w = sample["mask"].shape
         images[i, :, :h, :w] = sample["image"]
         masks[i, :h, :w] = sample["mask"]
-    return {"images": images, "masks": masks}
+    return {"images": images, "masks": masks, "num_bad_images": len(samples) - len(kept)}
 
 
-def detection_collate(samples: Sequence[dict]) -> dict:
-    """Images stacked to ``[B,3,S,S]`` (all the same size after the transforms), targets as a list of dicts."""
-    return {"images": torch.stack([s["image"] for s in samples]), "targets": [s["target"] for s in samples]}
+def detection_collate(samples: Sequence[dict | None]) -> dict:
+    """Images stacked to ``[B,3,S,S]`` (all the same size after the transforms), targets as a list of dicts.
+    Unreadable samples (``None``) are dropped and counted in ``num_bad_images``."""
+    kept = _readable(samples)
+    return {
+        "images": torch.stack([s["image"] for s in kept]),
+        "targets": [s["target"] for s in kept],
+        "num_bad_images": len(samples) - len(kept),
+    }
 
 
 # ------------------------------------------------------------------------------------------------ transforms
@@ -294,18 +390,141 @@ def detection_transforms(
 
 
 # ------------------------------------------------------------------------------------------------ datamodules
-# Classes including background of the built-in datasets (SyntheticShapes: 8 shapes; Fashion-MNIST: 10 garments).
-_KNOWN_SEGMENTATION_CLASSES = {
-    "synthetic": SyntheticShapes.num_classes + 1,
-    "fmnist_scenes": FashionMNIST.num_classes + 1,
-}
+# Size and seeds of the synthetic default (no datasets given); the validation seed keeps its images disjoint from
+# the training ones. Unchanged from the earlier num_train/num_val defaults, so the numbers measured with them hold.
+SYNTHETIC_TRAIN_SAMPLES, SYNTHETIC_VAL_SAMPLES, SYNTHETIC_VAL_SEED_OFFSET = 512, 128, 1_000_003
+# Datasets stay out of the hyper-parameters: an in-memory one would bloat every checkpoint (the CLI's config.yaml
+# records those given by class_path). num_classes too: the model records the count, and Lightning refuses to log a
+# model and a DataModule whose hyper-parameters of one name differ, as the CLI's (the config as given: None when
+# the datasets state the count) would.
+_NOT_HYPERPARAMETERS = ["train", "val", "test", "num_classes"]
+
+
+def _names(dataset: Dataset) -> tuple[str, ...]:
+    return tuple(str(name) for name in (getattr(dataset, "class_names", None) or ()))
 
 
 class _DenseDataModule(pl.LightningDataModule):
-    """Loaders shared by the dense DataModules: subclasses set ``collate`` and fill ``train_set`` / ``val_set`` in
-    ``setup`` (testing reuses the validation split)."""
+    """Datasets, checks and loaders shared by the dense DataModules; subclasses set ``kind``, ``collate`` and
+    ``_transforms`` and pass their datasets to ``_take_datasets`` in ``__init__``."""
 
+    kind: Literal["segmentation", "detection"]
     collate: Callable[[Sequence[dict]], dict]
+
+    def _take_datasets(
+        self,
+        train: Dataset | None,
+        val: Dataset | None,
+        test: Dataset | None,
+        num_classes: int | None,
+        image_size: int,
+        seed: int,
+    ) -> None:
+        """Keeps the splits (the synthetic default when none is given), resolves ``num_classes`` and
+        ``class_names`` and checks that the splits agree. Reads dataset attributes only: files are read in
+        ``setup``, after ``prepare_data`` has let datasets that build their files do so."""
+        owner = type(self).__name__
+        if train is None and val is None and test is None:
+            train, val = self._synthetic_default(image_size, seed)
+        elif train is None or val is None:
+            missing = "train" if train is None else "val"
+            raise ValueError(
+                f"{owner}: {missing} is missing; give train and val datasets (test is optional and falls back to "
+                f"val), or none of them for the embedded synthetic shapes"
+            )
+        self.datasets: dict[str, Dataset] = {"train": train, "val": val, "test": val if test is None else test}
+        described = {split: f"{split} dataset {type(data).__name__}" for split, data in self.datasets.items()}
+
+        stated = {
+            split: _positive_count(count, f"the {described[split]}'s num_classes")
+            for split, data in self.datasets.items()
+            if (count := getattr(data, "num_classes", None)) is not None
+        }
+        if len(set(stated.values())) > 1:
+            counts = ", ".join(f"{described[split]}: {count}" for split, count in stated.items())
+            raise ValueError(f"{owner}: the splits state different num_classes ({counts}); they must label alike")
+        if num_classes is not None:
+            self.num_classes = _positive_count(num_classes, f"{owner} num_classes")
+        elif stated:
+            self.num_classes = next(iter(stated.values()))
+        else:
+            counted = (
+                "classes of the mask ids, background included" if self.kind == "segmentation" else "object classes"
+            )
+            raise ValueError(
+                f"{owner}: the {described['train']} has no num_classes attribute; pass num_classes ({counted}; "
+                f"YAML: data.init_args.num_classes) or give the dataset a num_classes attribute"
+            )
+
+        categories = {split: getattr(data, "category_ids", None) for split, data in self.datasets.items()}
+        names = {split: _names(data) for split, data in self.datasets.items()}
+        for split in ("val", "test"):
+            if categories["train"] is not None and categories[split] is not None:
+                if list(categories[split]) != list(categories["train"]):
+                    raise ValueError(
+                        f"{owner}: train and {split} annotations have different categories: "
+                        f"{list(categories['train'])} vs {list(categories[split])}"
+                    )
+            if names["train"] and names[split] and names[split] != names["train"]:
+                raise ValueError(
+                    f"{owner}: the {described[split]} names its classes {list(names[split])}, the "
+                    f"{described['train']} {list(names['train'])}; labels would not match"
+                )
+        class_names = next((found for found in names.values() if found), ())
+        if class_names and len(class_names) != self.num_classes:
+            raise ValueError(
+                f"{owner}: num_classes={self.num_classes} but the datasets name {len(class_names)} classes "
+                f"{list(class_names)}; leave num_classes out to use theirs"
+            )
+        self.class_names: list[str] | None = list(class_names) if class_names else None
+        self.train_set = self.val_set = self.test_set = None
+
+    @staticmethod
+    def _synthetic_default(image_size: int, seed: int) -> tuple[Dataset, Dataset]:
+        raise NotImplementedError
+
+    def _transforms(self) -> tuple[A.Compose, A.Compose]:
+        raise NotImplementedError
+
+    def prepare_data(self) -> None:
+        # Lightning calls this on one process per node (rank zero under DDP): datasets that download or build
+        # their files (e.g. FashionMNISTScenes) do it once here, not on every rank.
+        for dataset in {id(data): data for data in self.datasets.values()}.values():
+            prepare = getattr(dataset, "prepare", None)
+            if callable(prepare):
+                prepare()
+
+    def setup(self, stage: str | None = None) -> None:
+        self._check_model_classes()
+        if self.train_set is not None:
+            return
+        train_tf, eval_tf = self._transforms()
+        wrapped: dict[tuple[int, int], _Transformed] = {}
+
+        def wrap(split: str, transform: A.Compose) -> _Transformed:
+            dataset = self.datasets[split]
+            key = (id(dataset), id(transform))
+            if key not in wrapped:  # test = val: one wrapper, its dataset read and checked once
+                name = f"{split} dataset {type(dataset).__name__}"
+                wrapped[key] = _Transformed(dataset, transform, self.kind, self.num_classes, name)
+            return wrapped[key]
+
+        self.train_set = wrap("train", train_tf)
+        self.val_set = wrap("val", eval_tf)
+        self.test_set = wrap("test", eval_tf)
+
+    def _check_model_classes(self) -> None:
+        """The model's head must have the data's classes: nothing links the two in a config, and a mismatch would
+        otherwise fail deep in a loss (too few) or lower mIoU/mAP silently (too many)."""
+        trainer = getattr(self, "trainer", None)
+        model = getattr(trainer, "lightning_module", None) if trainer is not None else None
+        model_classes = getattr(model, "num_classes", None)
+        if isinstance(model_classes, int) and model_classes != self.num_classes:
+            sources = sorted({type(data).__name__ for data in self.datasets.values()})
+            raise ValueError(
+                f"{type(model).__name__} has num_classes={model_classes} but the {self.kind} data have "
+                f"{self.num_classes} ({', '.join(sources)}); set model.init_args.num_classes: {self.num_classes}"
+            )
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, True, self.hparams.batch_size)
@@ -314,7 +533,7 @@ class _DenseDataModule(pl.LightningDataModule):
         return self._loader(self.val_set, False, self.hparams.val_batch_size or self.hparams.batch_size)
 
     def test_dataloader(self) -> DataLoader:
-        return self.val_dataloader()
+        return self._loader(self.test_set, False, self.hparams.val_batch_size or self.hparams.batch_size)
 
     def _loader(self, dataset: Dataset, shuffle: bool, batch_size: int) -> DataLoader:
         # Evaluation loaders shard over DDP ranks without padding duplicates (mIoU / mAP count each image once).
@@ -330,116 +549,82 @@ class _DenseDataModule(pl.LightningDataModule):
             pin_memory=torch.cuda.is_available(),
         )
 
-    def prepare_data(self) -> None:
-        # Lightning calls this on one process per node: the scenes are built once, not by every DDP rank.
-        if self.hparams.dataset == "fmnist_scenes":
-            self._build_scenes()
-
-    def _build_scenes(self) -> Path:
-        from dinov3_pl.data.scenes import ensure_fmnist_scenes
-
-        if self.hparams.root is None:
-            raise ValueError("dataset='fmnist_scenes' needs root (where the scenes are, or will be, written)")
-        return ensure_fmnist_scenes(
-            self.hparams.root,
-            fmnist_root=self.hparams.fmnist_root,
-            num_train=self.hparams.num_train,
-            num_val=self.hparams.num_val,
-            seed=self.hparams.seed,
-        )
-
-    def _synthetic(self, train: bool):
-        count = self.hparams.num_train if train else self.hparams.num_val
-        # Different seeds keep the validation images disjoint from the training ones.
-        return SyntheticShapes(
-            num_samples=count,
-            image_size=self.hparams.image_size,
-            seed=self.hparams.seed if train else self.hparams.seed + 1_000_003,
-        )
-
 
 class SegmentationDataModule(_DenseDataModule):
-    """Semantic segmentation data: ``synthetic`` (SyntheticShapes masks), ``folder`` (ADE20K layout under
-    ``root``) or ``fmnist_scenes`` (built into ``root`` from Fashion-MNIST if missing, then read as a folder).
+    """Semantic segmentation data from any datasets of masks (``train``, ``val``, optional ``test``; YAML:
+    ``class_path``), e.g. ``SegmentationFolder`` (ADE20K layout), ``FashionMNISTScenes(task="segmentation")``
+    (``dinov3_pl.data.scenes``) or a user's own ``Dataset`` of ``{"image", "mask"}`` dicts. None of them: the
+    embedded shapes (``SyntheticShapeMasks``, 512 training and 128 validation images of ``image_size``).
 
     Args:
-        num_classes: classes including background (synthetic: shapes + 1; fmnist_scenes: 11). Required for
-            ``folder``; checked against every label map (ids >= num_classes other than 255 raise).
-        image_size: training crop size; also the synthetic image size.
+        train, val, test: the splits; ``test`` None reuses ``val``.
+        num_classes: classes of the mask ids, background included where it is a class (synthetic: 8 shapes + 1).
+            None: the datasets' ``num_classes``. Every mask is checked: ids >= num_classes other than 255 raise.
+        image_size: training crop size; also the synthetic default's image size.
         eval_size: resize the short side of validation images to this (None: keep their size).
-        num_train, num_val, seed: sizes and seed of synthetic data / built scenes.
-        fmnist_root: Fashion-MNIST idx files for building scenes (None: the Debian package's folder).
+        seed: seed of the synthetic default (validation: ``seed + 1000003``); given datasets carry their own.
     """
 
+    kind = "segmentation"
     collate = staticmethod(segmentation_collate)
 
     def __init__(
         self,
-        dataset: Literal["synthetic", "folder", "fmnist_scenes"] = "synthetic",
-        root: str | None = None,
+        train: Dataset | None = None,
+        val: Dataset | None = None,
+        test: Dataset | None = None,
         num_classes: int | None = None,
         image_size: int = 64,
         eval_size: int | None = None,
         scale_range: tuple[float, float] = (0.5, 2.0),
         flip_prob: float = 0.5,
-        reduce_zero_label: bool = False,
         batch_size: int = 16,
         val_batch_size: int | None = None,
         num_workers: int = 0,
-        num_train: int = 512,
-        num_val: int = 128,
         seed: int = 0,
-        fmnist_root: str | None = None,
     ) -> None:
         super().__init__()
-        if dataset == "folder" and (root is None or num_classes is None):
-            raise ValueError("dataset='folder' needs root and num_classes")
-        known = _KNOWN_SEGMENTATION_CLASSES.get(dataset)
-        if num_classes is not None and known is not None and num_classes != known:
-            raise ValueError(f"num_classes={num_classes} but dataset {dataset!r} has {known} (with background)")
-        # Resolved before save_hyperparameters so the logged value matches the model's num_classes.
-        num_classes = num_classes if num_classes is not None else known
-        self.num_classes = num_classes
-        self.save_hyperparameters()
-        self.train_set = self.val_set = None
+        self.save_hyperparameters(ignore=_NOT_HYPERPARAMETERS)
+        self._take_datasets(train, val, test, num_classes, image_size, seed)
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_set is not None:
-            return
+    @staticmethod
+    def _synthetic_default(image_size: int, seed: int) -> tuple[Dataset, Dataset]:
+        return (
+            SyntheticShapeMasks(SYNTHETIC_TRAIN_SAMPLES, image_size, seed),
+            SyntheticShapeMasks(SYNTHETIC_VAL_SAMPLES, image_size, seed + SYNTHETIC_VAL_SEED_OFFSET),
+        )
+
+    def _transforms(self) -> tuple[A.Compose, A.Compose]:
         hp = self.hparams
-        if hp.dataset == "synthetic":
-            train, val = self._synthetic(True), self._synthetic(False)
-        elif hp.dataset in ("folder", "fmnist_scenes"):
-            root = self._build_scenes() if hp.dataset == "fmnist_scenes" else Path(hp.root)
-            train = SegmentationFolder(root, "training", hp.reduce_zero_label)
-            val = SegmentationFolder(root, "validation", hp.reduce_zero_label)
-        else:
-            raise ValueError(f"unknown segmentation dataset {hp.dataset!r}; use synthetic, folder or fmnist_scenes")
-        known = self.num_classes
-        train_tf, eval_tf = segmentation_transforms(hp.image_size, hp.scale_range, hp.flip_prob, hp.eval_size)
-        self.train_set = _Transformed(train, train_tf, "segmentation", known)
-        self.val_set = _Transformed(val, eval_tf, "segmentation", known)
+        return segmentation_transforms(hp.image_size, hp.scale_range, hp.flip_prob, hp.eval_size)
 
 
 class DetectionDataModule(_DenseDataModule):
-    """Object detection data: ``synthetic`` (SyntheticShapes boxes), ``coco`` (``image_root`` +
-    ``train_annotations``/``val_annotations`` JSON) or ``fmnist_scenes`` (built into ``root`` if missing; its
-    ``instances_{train,val}.json`` are read with ``root/images`` as image root).
+    """Object detection data from any datasets of boxes (``train``, ``val``, optional ``test``; YAML:
+    ``class_path``), e.g. ``CocoDetectionDataset`` (COCO JSON + images), ``FashionMNISTScenes(task="detection")``
+    (``dinov3_pl.data.scenes``) or a user's own ``Dataset`` of ``{"image", "boxes", "box_labels"}`` dicts. None of
+    them: the embedded ``SyntheticShapes`` (512 training and 128 validation images of ``image_size``).
 
     Args:
+        train, val, test: the splits; ``test`` None reuses ``val``. Their categories (COCO ids, class names) must
+            agree.
+        num_classes: object classes, background excluded. None: the datasets' ``num_classes``.
         image_size: images are resized (longest side) and padded to ``image_size``² (train: random scale + crop).
         min_visibility: training crops drop boxes keeping less than this fraction of their area.
+        seed: seed of the synthetic default (validation: ``seed + 1000003``); given datasets carry their own.
+
+    ``class_names`` (the datasets' names, else "0", "1", ...) and ``num_classes`` are attributes after ``__init__``.
     """
 
+    kind = "detection"
     collate = staticmethod(detection_collate)
 
     def __init__(
         self,
-        dataset: Literal["synthetic", "coco", "fmnist_scenes"] = "synthetic",
-        root: str | None = None,
-        image_root: str | None = None,
-        train_annotations: str | None = None,
-        val_annotations: str | None = None,
+        train: Dataset | None = None,
+        val: Dataset | None = None,
+        test: Dataset | None = None,
+        num_classes: int | None = None,
         image_size: int = 64,
         scale_range: tuple[float, float] = (0.75, 1.25),
         flip_prob: float = 0.5,
@@ -447,43 +632,21 @@ class DetectionDataModule(_DenseDataModule):
         batch_size: int = 16,
         val_batch_size: int | None = None,
         num_workers: int = 0,
-        num_train: int = 512,
-        num_val: int = 128,
         seed: int = 0,
-        fmnist_root: str | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
-        if dataset == "coco" and not (image_root and train_annotations and val_annotations):
-            raise ValueError("dataset='coco' needs image_root, train_annotations and val_annotations")
-        self.train_set = self.val_set = None
+        self.save_hyperparameters(ignore=_NOT_HYPERPARAMETERS)
+        self._take_datasets(train, val, test, num_classes, image_size, seed)
+        if self.class_names is None:
+            self.class_names = [str(label) for label in range(self.num_classes)]
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_set is not None:
-            return
+    @staticmethod
+    def _synthetic_default(image_size: int, seed: int) -> tuple[Dataset, Dataset]:
+        return (
+            SyntheticShapes(SYNTHETIC_TRAIN_SAMPLES, image_size, seed),
+            SyntheticShapes(SYNTHETIC_VAL_SAMPLES, image_size, seed + SYNTHETIC_VAL_SEED_OFFSET),
+        )
+
+    def _transforms(self) -> tuple[A.Compose, A.Compose]:
         hp = self.hparams
-        if hp.dataset == "synthetic":
-            train, val = self._synthetic(True), self._synthetic(False)
-            self.class_names = list(getattr(train, "class_names", range(train.num_classes)))
-        elif hp.dataset in ("coco", "fmnist_scenes"):
-            if hp.dataset == "fmnist_scenes":
-                root = self._build_scenes()
-                image_root, train_json, val_json = (
-                    root / "images",
-                    root / "instances_train.json",
-                    root / "instances_val.json",
-                )
-            else:
-                image_root, train_json, val_json = hp.image_root, hp.train_annotations, hp.val_annotations
-            train, val = CocoDetectionDataset(image_root, train_json), CocoDetectionDataset(image_root, val_json)
-            if train.category_ids != val.category_ids:
-                raise ValueError(
-                    f"train and val annotations have different categories: {train.category_ids} vs {val.category_ids}"
-                )
-            self.class_names = train.class_names
-        else:
-            raise ValueError(f"unknown detection dataset {hp.dataset!r}; use synthetic, coco or fmnist_scenes")
-        self.num_classes = len(self.class_names)
-        train_tf, eval_tf = detection_transforms(hp.image_size, hp.scale_range, hp.flip_prob, hp.min_visibility)
-        self.train_set = _Transformed(train, train_tf, "detection", self.num_classes)
-        self.val_set = _Transformed(val, eval_tf, "detection", self.num_classes)
+        return detection_transforms(hp.image_size, hp.scale_range, hp.flip_prob, hp.min_visibility)

@@ -14,7 +14,9 @@ earlier ones; an item keeping less than ``min_visible`` of its pixels gets no bo
 255 (ignore) in the label map, so every labelled pixel lies inside a box of its class. Boxes are the tight boxes of
 the visible pixels (x2/y2 exclusive). Everything is a function of ``seed``.
 
-Command: ``python -m dinov3_pl.data.scenes --fmnist-root /usr/share/datasets/fashion-mnist --out data/fmnist_scenes``.
+As a dataset for the dense DataModules (by ``class_path``): :class:`FashionMNISTScenes` builds the folder on
+``prepare()`` (``prepare_data``, once per node) and reads it lazily afterwards. Command:
+``python -m dinov3_pl.data.scenes --fmnist-root /usr/share/datasets/fashion-mnist --out data/fmnist_scenes``.
 """
 
 from __future__ import annotations
@@ -25,14 +27,17 @@ import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 import cv2
 import numpy as np
 from PIL import Image
+from torch.utils.data import Dataset
 
 from dinov3_pl.data.datasets import FashionMNIST, default_fashion_mnist_root
+from dinov3_pl.data.dense import CocoDetectionDataset, SegmentationFolder
 
-__all__ = ["build_fmnist_scenes", "ensure_fmnist_scenes", "render_scene"]
+__all__ = ["FashionMNISTScenes", "build_fmnist_scenes", "ensure_fmnist_scenes", "render_scene"]
 
 IGNORE_INDEX = 255
 _SPLITS = (("training", "train", True), ("validation", "val", False))
@@ -257,6 +262,84 @@ def ensure_fmnist_scenes(
         if staging.exists():
             shutil.rmtree(staging)
     return root
+
+
+class FashionMNISTScenes(Dataset):
+    """One split of the Fashion-MNIST scenes as segmentation or detection data, built into ``root`` when missing.
+
+    ``prepare()`` builds the scenes (from ``fmnist_root``; None: the Debian package's copy) unless ``root`` holds a
+    build with the same settings, and refuses one built with others; the dense DataModules call it from
+    ``prepare_data``, so under DDP one process builds. Nothing is read in ``__init__``; the first ``len`` or sample
+    reads the folder (preparing it first if nobody did). The two splits and two tasks share one build: give each
+    the same ``root`` and build settings.
+
+    Samples: segmentation ``{"image", "mask", "path"}`` (mask: 0 = background, garment class c -> c + 1, 255 =
+    ignore; ``num_classes`` 11); detection ``{"image", "boxes", "box_labels", "path"}`` (xyxy boxes, labels 0..9;
+    ``num_classes`` 10).
+
+    Args:
+        root: folder of the build (written if missing).
+        split: ``"train"`` (scenes of Fashion-MNIST's train garments) or ``"val"`` (its test garments).
+        task: ``"segmentation"`` or ``"detection"``.
+        num_train, num_val, seed, canvas_size, items, scale_range: the build (see :func:`build_fmnist_scenes`).
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        split: Literal["train", "val"] = "train",
+        task: Literal["segmentation", "detection"] = "segmentation",
+        fmnist_root: str | Path | None = None,
+        num_train: int = 2000,
+        num_val: int = 500,
+        seed: int = 0,
+        canvas_size: int = 112,
+        items: tuple[int, int] = (2, 5),
+        scale_range: tuple[float, float] = (0.7, 1.6),
+    ) -> None:
+        if split not in ("train", "val"):
+            raise ValueError(f"FashionMNISTScenes split must be 'train' or 'val', got {split!r}")
+        if task not in ("segmentation", "detection"):
+            raise ValueError(f"FashionMNISTScenes task must be 'segmentation' or 'detection', got {task!r}")
+        self.root, self.split, self.task = Path(root), split, task
+        self.fmnist_root = fmnist_root
+        self.build = {
+            "num_train": int(num_train),
+            "num_val": int(num_val),
+            "seed": int(seed),
+            "canvas_size": int(canvas_size),
+            "items": tuple(int(v) for v in items),
+            "scale_range": tuple(float(v) for v in scale_range),
+        }
+        segmentation = task == "segmentation"
+        self.class_names: tuple[str, ...] = (("background",) if segmentation else ()) + FashionMNIST.class_names
+        self.num_classes: int = len(self.class_names)
+        self._reader: Dataset | None = None
+
+    def prepare(self) -> Path:
+        """Builds the scenes into ``root`` unless a build with these settings is there; returns ``root``."""
+        build = dict(self.build)
+        return ensure_fmnist_scenes(
+            self.root, self.fmnist_root, build.pop("num_train"), build.pop("num_val"), build.pop("seed"), **build
+        )
+
+    @property
+    def reader(self) -> Dataset:
+        """The generic reader of the built split (``SegmentationFolder`` or ``CocoDetectionDataset``)."""
+        if self._reader is None:
+            root = self.prepare()  # checks the build's settings; builds only if prepare_data did not run
+            if self.task == "segmentation":
+                folder = "training" if self.split == "train" else "validation"
+                self._reader = SegmentationFolder(root, folder, num_classes=self.num_classes)
+            else:
+                self._reader = CocoDetectionDataset(root / "images", root / f"instances_{self.split}.json")
+        return self._reader
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.reader[index]
 
 
 def main(args: Sequence[str] | None = None) -> None:
