@@ -21,8 +21,8 @@ def test_knn_table_for_the_checkpoint_and_random_init_with_overrides(tmp_path, m
     checkpoint = save_tiny_ssl_checkpoint(tmp_path / "tiny.ckpt", TINY)
     monkeypatch.chdir(REPO_ROOT)  # the task configs are repository paths
     overrides = [
-        "--override=--data.init_args.synthetic_train_samples=64",
-        "--override=--data.init_args.synthetic_eval_samples=32",
+        "--override=--data.init_args.train.init_args.num_samples=64",
+        "--override=--data.init_args.val.init_args.num_samples=32",
         "--override=--model.init_args.ks=[10, 20]",  # no k = 200: that column must come out empty
     ]
     monkeypatch.setattr(sys, "argv", ["compare_eval.py", f"--checkpoint={checkpoint}", "--tasks", "knn", *overrides])
@@ -40,4 +40,4 @@ def test_knn_table_for_the_checkpoint_and_random_init_with_overrides(tmp_path, m
     for values in rows.values():
         k10, k20, k200 = (float(v.rstrip("%")) for v in values.split())
         assert 0.0 <= k10 <= 100.0 and 0.0 <= k20 <= 100.0 and k200 != k200  # NaN: the ks override reached the runs
-    assert "overrides: --data.init_args.synthetic_train_samples=64" in out and "margin (top-1 k=20)" in out
+    assert "overrides: --data.init_args.train.init_args.num_samples=64" in out and "margin (top-1 k=20)" in out

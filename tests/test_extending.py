@@ -196,20 +196,30 @@ CONFIGS = ["knn_synthetic", "linear_synthetic", "knn_fashion_mnist", "linear_fas
 def test_classification_configs_instantiate(name):
     from dinov3_pl.cli import DINOv3CLI
     from dinov3_pl.data.classification import ClassificationDataModule
+    from dinov3_pl.data.datasets import default_fashion_mnist_root
 
+    if "fashion_mnist" in name and default_fashion_mnist_root() is None:
+        pytest.skip("the Fashion-MNIST datasets read their files when built: needs the Debian dataset-fashion-mnist")
     cli = DINOv3CLI(args=["--config", f"configs/eval/{name}.yaml"], run=False)
     assert isinstance(cli.datamodule, ClassificationDataModule)
     assert cli.datamodule.hparams.knn_mode == name.startswith("knn")
     assert cli.model.backbone.patch_size in (4, 8) and cli.model.backbone.depth in (2, 4)
     assert cli.datamodule.hparams.image_size % cli.model.backbone.patch_size == 0
+    splits = cli.datamodule.datasets
+    if "synthetic" in name:  # spelled out in the config, and exactly the module's default splits
+        spelled = [(split.num_samples, split.image_size, split.seed) for split in splits.values()]
+        default = [(s.num_samples, s.image_size, s.seed) for s in ClassificationDataModule().datasets.values()]
+        assert spelled == default == [(2048, 64, 0), (512, 64, 1), (512, 64, 2)]
+    else:
+        assert splits["train"].train and not splits["val"].train and splits["test"] is splits["val"]
 
 
 def test_knn_synthetic_config_validates_end_to_end(tmp_path):
     from dinov3_pl.cli import main
 
     overrides = [
-        "--data.init_args.synthetic_train_samples=64",
-        "--data.init_args.synthetic_eval_samples=32",
+        "--data.init_args.train.init_args.num_samples=64",
+        "--data.init_args.val.init_args.num_samples=32",
         "--model.init_args.ks=[5, 10]",
         f"--trainer.default_root_dir={tmp_path}",
         "--trainer.enable_progress_bar=false",

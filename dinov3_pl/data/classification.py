@@ -1,4 +1,4 @@
-"""ClassificationDataModule: labelled images for kNN and linear evaluation (synthetic shapes, Fashion-MNIST, folders).
+"""ClassificationDataModule: labelled images for kNN and linear evaluation, from datasets given by class_path.
 
 Batches are ``{"images": float [B, 3, S, S], "labels": long [B], "indices": long [B], "num_bad_images": int}``;
 ``indices`` are positions in the split (used by the eval feature cache). With ``knn_mode=True`` the val and test
@@ -8,18 +8,21 @@ every val/test loader (bank included) is split over the ranks by ``ShardedEvalSa
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import inspect
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import albumentations as A
 import cv2
 import lightning as L
 import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from dinov3_pl.data.datasets import SyntheticShapes
 from dinov3_pl.data.samplers import ShardedEvalSampler
 from dinov3_pl.data.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform
 
@@ -57,8 +60,18 @@ def eval_transform(image_size: int, crop_ratio: float, mean: Sequence[float], st
     return EvalTransform(size=image_size, resize_size=round(image_size / crop_ratio), mean=tuple(mean), std=tuple(std))
 
 
+def _describe(dataset: Dataset) -> str:
+    """The dataset's class, and its folder when it has one, for error messages."""
+    root = inspect.getattr_static(dataset, "root", None)
+    return f"{type(dataset).__name__} at {root}" if isinstance(root, str | Path) else type(dataset).__name__
+
+
 class _Labelled(Dataset):
-    """Applies an albumentations transform to a contract dataset and checks its labels."""
+    """Applies an albumentations transform to a contract dataset and checks its samples.
+
+    The one place where a sample's PIL image becomes the contract's uint8 [H, W, 3] array, so user datasets may
+    return either.
+    """
 
     def __init__(self, base: Dataset, transform: Callable, num_classes: int, name: str) -> None:
         self.base, self.transform, self.num_classes, self.name = base, transform, num_classes, name
@@ -70,13 +83,25 @@ class _Labelled(Dataset):
         sample = self.base[index]
         if sample is None:  # unreadable file skipped by ImageFolder(on_bad_image="skip")
             return None
+        if not isinstance(sample, Mapping) or "image" not in sample or "label" not in sample:
+            got = f"a dict with keys {sorted(sample)}" if isinstance(sample, Mapping) else type(sample).__name__
+            raise TypeError(
+                f"{self.name} sample {index} is {got}; samples must be dicts with 'image' (PIL image or uint8 "
+                "[H, W, 3]) and 'label' (int class id)"
+            )
+        image = sample["image"]
+        if isinstance(image, Image.Image):
+            image = np.asarray(image.convert("RGB"))
+        if not (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3):
+            got = f"{image.dtype} array {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
+            raise TypeError(f"{self.name} sample {index} has a {got} image; expected a PIL image or uint8 [H, W, 3]")
         label = int(sample["label"])
         if not 0 <= label < self.num_classes:
             raise ValueError(
                 f"{self.name} sample {index} has label {label}, outside [0, {self.num_classes}) "
                 f"(num_classes={self.num_classes}; -1 means unlabelled, which classification cannot use)"
             )
-        return {"image": self.transform(sample["image"]), "label": label, "index": index}
+        return {"image": self.transform(image), "label": label, "index": index}
 
 
 def classification_collate(samples: Sequence[dict[str, Any] | None]) -> dict[str, Tensor | int]:
@@ -93,15 +118,20 @@ def classification_collate(samples: Sequence[dict[str, Any] | None]) -> dict[str
 
 
 class ClassificationDataModule(L.LightningDataModule):
-    """Labelled train / val / test splits for linear probing and kNN.
+    """Labelled train / val / test splits for linear probing and kNN, from any datasets of the sample contract.
+
+    A split is any ``torch.utils.data.Dataset`` whose samples are dicts with ``"image"`` (uint8 [H, W, 3] RGB or a
+    PIL image) and ``"label"`` (int in ``[0, num_classes)``), or ``None`` for an unreadable file (skipped and counted):
+    ``dinov3_pl.data.SyntheticShapes``, ``FashionMNIST``, ``ImageFolder(with_labels=True)`` or a user's own class. In
+    YAML each split is a ``class_path`` (``train: {class_path: dinov3_pl.data.FashionMNIST, init_args: {train:
+    true}}``); in Python ``ClassificationDataModule(train=my_train_set, val=my_val_set)``.
 
     Args:
-        dataset: ``"synthetic"`` (embedded ``SyntheticShapes``: train seed ``seed``, val ``seed + 1``, test
-            ``seed + 2``), ``"fashion_mnist"`` (train split = train; val and test = the official test split) or
-            ``"folder"`` (``root/train``, ``root/val`` and optionally ``root/test``, each with one sub-folder per
-            class; test falls back to val).
-        root: data folder (Fashion-MNIST idx files; the folder layout above). Fashion-MNIST defaults to the Debian
-            package's copy when it is installed.
+        train, val, test: the splits. All ``None``: the embedded ``SyntheticShapes`` (2048 train images of 64 px with
+            seed ``seed``, 512 val with ``seed + 1``, 512 test with ``seed + 2``). ``train`` needs ``val``; ``test``
+            ``None`` evaluates on ``val``. With ``knn_mode`` the train split is the kNN bank.
+        num_classes: number of classes; ``None`` reads the train dataset's ``num_classes`` attribute. Splits with
+            ``class_names`` must list the same classes.
         image_size: side of the square network input.
         batch_size, num_workers: loader settings (``batch_size`` per process; also used by ``LinearProbe`` to
             scale learning rates).
@@ -109,16 +139,18 @@ class ClassificationDataModule(L.LightningDataModule):
         train_augmentation: random resized crop + flip on the train split; ``False`` uses the eval transform.
         crop_scale: scale range of the random resized crop (upstream linear: 0.08–1).
         eval_crop_ratio: eval centre-crop fraction (0.875 upstream; 1.0 for small whole images).
-        synthetic_train_samples, synthetic_eval_samples, synthetic_image_size: the synthetic set's sizes.
-        max_train_samples, max_eval_samples: fixed random subsets (seeded) to keep runs short.
+        max_train_samples, max_eval_samples: fixed random subsets (seeded) to keep runs short; val and test draw
+            theirs with different seeds, also when test is val.
         mean, std: normalisation.
-        seed: seed of the synthetic data and of the subsets.
+        seed: seed of the default synthetic splits and of the subsets.
     """
 
     def __init__(
         self,
-        dataset: Literal["synthetic", "fashion_mnist", "folder"] = "synthetic",
-        root: str | None = None,
+        train: Dataset | None = None,
+        val: Dataset | None = None,
+        test: Dataset | None = None,
+        num_classes: int | None = None,
         image_size: int = 32,
         batch_size: int = 64,
         num_workers: int = 0,
@@ -126,9 +158,6 @@ class ClassificationDataModule(L.LightningDataModule):
         train_augmentation: bool = True,
         crop_scale: tuple[float, float] = (0.08, 1.0),
         eval_crop_ratio: float = 0.875,
-        synthetic_train_samples: int = 2048,
-        synthetic_eval_samples: int = 512,
-        synthetic_image_size: int = 64,
         max_train_samples: int | None = None,
         max_eval_samples: int | None = None,
         mean: tuple[float, float, float] = IMAGENET_MEAN,
@@ -136,57 +165,80 @@ class ClassificationDataModule(L.LightningDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
-        if dataset not in ("synthetic", "fashion_mnist", "folder"):
-            raise ValueError(f"dataset must be 'synthetic', 'fashion_mnist' or 'folder', got {dataset!r}")
-        if dataset == "folder" and root is None:
-            raise ValueError("dataset='folder' needs root (a folder with train/ and val/ class sub-folders)")
+        # The datasets stay out of checkpoints (an in-memory set would bloat them); the CLI's config.yaml records them.
+        # num_classes too: Lightning's logger refuses a key that model and data both hold with different values, and
+        # KNN(num_classes=None) or LinearProbe(num_classes=10) next to the default None would be such a pair.
+        self.save_hyperparameters(ignore=["train", "val", "test", "num_classes"])
+        self.given_num_classes = num_classes
+        if train is None and (val is not None or test is not None):
+            given = " and ".join(split for split, data in (("val", val), ("test", test)) if data is not None)
+            raise ValueError(
+                f"ClassificationDataModule got {given} but no train split: pass train too (the kNN bank / the "
+                "linear probe's training data), or no split at all for the embedded SyntheticShapes"
+            )
+        if train is not None and val is None:
+            raise ValueError(
+                f"ClassificationDataModule got train ({_describe(train)}) but no val split: pass val (the kNN "
+                "queries / the linear probe's validation data); test defaults to val"
+            )
+        if train is None:
+            train, val, test = (
+                SyntheticShapes(num_samples, image_size=64, seed=seed + offset)
+                for offset, num_samples in enumerate((2048, 512, 512))
+            )
+        if num_classes is not None and (isinstance(num_classes, bool) or num_classes < 2):
+            raise ValueError(f"num_classes must be an integer >= 2 (or null: the train dataset's), got {num_classes}")
+        # Static lookup: a dataset that reads its files lazily must not be made to read them here.
+        if num_classes is None and inspect.getattr_static(train, "num_classes", None) is None:
+            raise ValueError(
+                f"the train split ({_describe(train)}) has no num_classes attribute: pass num_classes to "
+                "ClassificationDataModule or give the dataset a num_classes attribute"
+            )
+        for name, limit in (("max_train_samples", max_train_samples), ("max_eval_samples", max_eval_samples)):
+            if limit is not None and limit < 1:
+                raise ValueError(f"{name} must be at least 1 (or null for the whole split), got {limit}")
         if not 0 < eval_crop_ratio <= 1:
             raise ValueError(f"eval_crop_ratio must be in (0, 1], got {eval_crop_ratio}")
+        self.datasets: dict[str, Dataset] = {"train": train, "val": val, "test": val if test is None else test}
         self.batch_size = batch_size
         self.num_classes: int | None = None
         self.class_names: tuple[str, ...] | None = None
         self._splits: dict[str, Dataset] = {}
 
     # ------------------------------------------------------------------------------------ datasets
-    def _raw_splits(self) -> dict[str, Dataset]:
-        """The contract datasets (``dinov3_pl.data.datasets``) for train / val / test, untransformed."""
-        from dinov3_pl.data import datasets
+    def prepare_data(self) -> None:
+        """Runs ``prepare()`` (download, build files) of the datasets that have one: once per node under DDP."""
+        prepared: set[int] = set()
+        for dataset in self.datasets.values():
+            prepare = getattr(dataset, "prepare", None)
+            if callable(prepare) and id(dataset) not in prepared:
+                prepared.add(id(dataset))
+                prepare()
 
-        hp = self.hparams
-        if hp.dataset == "synthetic":
-            sizes = {"train": hp.synthetic_train_samples, "val": hp.synthetic_eval_samples}
-            sizes["test"] = hp.synthetic_eval_samples
-            offsets = {"train": 0, "val": 1, "test": 2}
-            return {
-                split: datasets.SyntheticShapes(sizes[split], hp.synthetic_image_size, seed=hp.seed + offsets[split])
-                for split in sizes
-            }
-        if hp.dataset == "fashion_mnist":
-            root = hp.root or datasets.default_fashion_mnist_root()
-            if root is None:
-                raise FileNotFoundError(
-                    "dataset='fashion_mnist' needs root (the idx .gz files); none given and the Debian package "
-                    "dataset-fashion-mnist is not installed"
-                )
-            test = datasets.FashionMNIST(root, train=False)
-            return {"train": datasets.FashionMNIST(root, train=True), "val": test, "test": test}
-        root = Path(hp.root)
-        folders = {split: root / split for split in ("train", "val", "test")}
-        for split in ("train", "val"):
-            if not folders[split].is_dir():
-                raise FileNotFoundError(f"dataset='folder' expects {folders[split]} with one sub-folder per class")
-        splits = {split: datasets.ImageFolder(folders[split], with_labels=True) for split in ("train", "val")}
-        has_test = folders["test"].is_dir()
-        splits["test"] = datasets.ImageFolder(folders["test"], with_labels=True) if has_test else splits["val"]
-        names = splits["train"].class_names
+    def _read_num_classes(self) -> int:
+        if self.given_num_classes is not None:
+            return int(self.given_num_classes)
+        train = self.datasets["train"]
+        num_classes = int(train.num_classes)
+        if num_classes < 2:
+            raise ValueError(
+                f"the train split ({_describe(train)}) has num_classes={num_classes}: classification needs "
+                "labelled data with at least 2 classes (an ImageFolder needs with_labels: true)"
+            )
+        return num_classes
+
+    def _check_class_names(self) -> tuple[str, ...] | None:
+        """The train split's class names, after checking that every split that names its classes names the same."""
+        named = {split: tuple(getattr(data, "class_names", None) or ()) for split, data in self.datasets.items()}
+        train_names = named["train"]
         for split in ("val", "test"):
-            if splits[split].class_names != names:
+            if train_names and named[split] and named[split] != train_names:
                 raise ValueError(
-                    f"class sub-folders of {folders[split] if split == 'val' or has_test else folders['val']} "
-                    f"{list(splits[split].class_names)} differ from train's {list(names)}; labels would not match"
+                    f"the {split} split ({_describe(self.datasets[split])}) has classes "
+                    f"{list(named[split])}, the train split ({_describe(self.datasets['train'])}) "
+                    f"{list(train_names)}: labels would not match; give every split the same classes"
                 )
-        return splits
+        return train_names or None
 
     def _subset(self, dataset: Dataset, limit: int | None, offset: int) -> Dataset:
         if limit is None or limit >= len(dataset):
@@ -199,20 +251,22 @@ class ClassificationDataModule(L.LightningDataModule):
         if self._splits:
             return
         hp = self.hparams
-        raw = self._raw_splits()
-        train_set = raw["train"]
-        self.num_classes = int(train_set.num_classes)
-        self.class_names = tuple(getattr(train_set, "class_names", ())) or None
+        self.num_classes = self._read_num_classes()
+        self.class_names = self._check_class_names()
         limits = {"train": hp.max_train_samples, "val": hp.max_eval_samples, "test": hp.max_eval_samples}
-        raw = {split: self._subset(data, limits[split], offset) for offset, (split, data) in enumerate(raw.items())}
-        for split, data in raw.items():
+        subsets = {
+            split: self._subset(self.datasets[split], limits[split], offset)
+            for offset, split in enumerate(("train", "val", "test"))
+        }
+        for split, data in subsets.items():
             if len(data) == 0:
-                raise ValueError(f"the {split} split of dataset={hp.dataset!r} (root={hp.root}) is empty")
+                raise ValueError(f"the {split} split ({_describe(self.datasets[split])}) is empty")
         eval_tf = eval_transform(hp.image_size, hp.eval_crop_ratio, hp.mean, hp.std)
         train_tf = train_transform(hp.image_size, hp.crop_scale, hp.mean, hp.std) if hp.train_augmentation else eval_tf
 
         def wrap(split: str, transform: Callable) -> Dataset:
-            return _Labelled(raw[split], transform, self.num_classes, f"{hp.dataset} {split}")
+            name = f"{split} split ({_describe(self.datasets[split])})"
+            return _Labelled(subsets[split], transform, self.num_classes, name)
 
         self._splits = {
             "train": wrap("train", train_tf),
