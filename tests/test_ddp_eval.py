@@ -15,6 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.utils.data import DistributedSampler
 
+from dinov3_pl.data import SyntheticShapes
 from dinov3_pl.data.classification import ClassificationDataModule
 from dinov3_pl.data.dense import DetectionDataModule, SegmentationDataModule
 from dinov3_pl.data.samplers import ShardedEvalSampler
@@ -59,7 +60,10 @@ def test_sharded_eval_sampler_without_process_group_and_in_the_data_modules():
     # A DistributedSampler, so Lightning keeps it instead of injecting its padded one.
     assert isinstance(ShardedEvalSampler(range(5)), DistributedSampler)
     data = ClassificationDataModule(
-        synthetic_train_samples=BANK_SIZE, synthetic_eval_samples=QUERY_SIZE, batch_size=BATCH_SIZE, knn_mode=True
+        train=SyntheticShapes(BANK_SIZE, seed=0),
+        val=SyntheticShapes(QUERY_SIZE, seed=1),
+        batch_size=BATCH_SIZE,
+        knn_mode=True,
     )
     loaders = [*data.val_dataloader(), *data.test_dataloader()]
     assert all(isinstance(loader.sampler, ShardedEvalSampler) for loader in loaders)
@@ -131,10 +135,9 @@ def _validate(model: L.LightningModule, data: L.LightningDataModule, processes: 
 
 def _classification_data(knn_mode: bool) -> ClassificationDataModule:
     return ClassificationDataModule(
+        train=SyntheticShapes(BANK_SIZE, image_size=32, seed=0),
+        val=SyntheticShapes(QUERY_SIZE, image_size=32, seed=1),
         image_size=32,
-        synthetic_image_size=32,
-        synthetic_train_samples=BANK_SIZE,
-        synthetic_eval_samples=QUERY_SIZE,
         batch_size=BATCH_SIZE,
         knn_mode=knn_mode,
         eval_crop_ratio=1.0,

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from dinov3_pl.data import SyntheticShapes
 from dinov3_pl.data.classification import ClassificationDataModule
 from dinov3_pl.data.dense import SegmentationDataModule
 from dinov3_pl.models import DINOv3Backbone, TimmBackbone, build_backbone
@@ -315,14 +316,13 @@ def test_unfreeze_last_stages_trains_them_and_what_follows():
 
 def test_knn_and_linear_probe_on_a_timm_backbone():
     torch.manual_seed(0)
-    data = ClassificationDataModule(
-        batch_size=16, synthetic_train_samples=32, synthetic_eval_samples=16, image_size=32, knn_mode=True
-    )
+    splits = {"train": SyntheticShapes(32, seed=0), "val": SyntheticShapes(16, seed=1)}
+    data = ClassificationDataModule(**splits, batch_size=16, image_size=32, knn_mode=True)
     knn = KNN(arch="resnet18", feature_type="cls_meanpatch", ks=(5,))
     result = _trainer().validate(knn, datamodule=data)[0]  # one dict per loader [bank, queries], the same values
     assert 0.0 <= result["knn/top1_k5"] <= 1.0 and result["knn/bank_size"] == 32
     assert result["knn/num_queries"] == 16
-    data = ClassificationDataModule(batch_size=16, synthetic_train_samples=32, synthetic_eval_samples=16, image_size=32)
+    data = ClassificationDataModule(**splits, batch_size=16, image_size=32)
     probe = LinearProbe(num_classes=8, arch="convnext_atto", learning_rates=[0.01, 0.1])
     assert probe.feature_dim == 2 * 320
     before = {name: value.clone() for name, value in probe.backbone.state_dict().items()}
