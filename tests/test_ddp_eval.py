@@ -17,7 +17,7 @@ from torch.utils.data import DistributedSampler
 
 from dinov3_pl.data import SyntheticShapes
 from dinov3_pl.data.classification import ClassificationDataModule
-from dinov3_pl.data.dense import DetectionDataModule, SegmentationDataModule
+from dinov3_pl.data.dense import DetectionDataModule, SegmentationDataModule, SyntheticShapeMasks
 from dinov3_pl.data.samplers import ShardedEvalSampler
 from dinov3_pl.metrics import KNNAccuracy
 from dinov3_pl.modules.knn import KNN
@@ -69,7 +69,11 @@ def test_sharded_eval_sampler_without_process_group_and_in_the_data_modules():
     assert all(isinstance(loader.sampler, ShardedEvalSampler) for loader in loaders)
     assert [len(loader.sampler) for loader in loaders] == [BANK_SIZE, QUERY_SIZE, BANK_SIZE, QUERY_SIZE]
     assert not isinstance(data.train_dataloader().sampler, ShardedEvalSampler)  # training keeps shuffling
-    for dense in (SegmentationDataModule(num_train=4, num_val=3), DetectionDataModule(num_train=4, num_val=3)):
+    dense_modules = (
+        SegmentationDataModule(train=SyntheticShapeMasks(4, seed=0), val=SyntheticShapeMasks(3, seed=1)),
+        DetectionDataModule(train=SyntheticShapes(4, seed=0), val=SyntheticShapes(3, seed=1)),
+    )
+    for dense in dense_modules:
         dense.setup("validate")
         assert isinstance(dense.val_dataloader().sampler, ShardedEvalSampler)
         assert isinstance(dense.test_dataloader().sampler, ShardedEvalSampler)

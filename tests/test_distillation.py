@@ -210,7 +210,7 @@ def test_feature_distillation_from_a_backbone_without_heads(teacher_ckpt, tmp_pa
 def test_a_timm_cnn_student_end_to_end(teacher_ckpt, tmp_path):
     """Feature distillation into a timm ResNet (stride 8 here: a 2x2 grid on 16 px crops), then the student's EMA
     evaluated by KNN straight from the checkpoint with arch: null."""
-    from dinov3_pl.data import ClassificationDataModule
+    from dinov3_pl.data import ClassificationDataModule, SyntheticShapes
     from dinov3_pl.models import TimmBackbone
     from dinov3_pl.modules import KNN
 
@@ -227,7 +227,7 @@ def test_a_timm_cnn_student_end_to_end(teacher_ckpt, tmp_path):
     for key, value in module.student_emas["cnn"].average.backbone.state_dict().items():
         assert torch.equal(knn.backbone.state_dict()[key], value), key
     data = ClassificationDataModule(
-        image_size=16, knn_mode=True, synthetic_train_samples=32, synthetic_eval_samples=16, batch_size=16
+        train=SyntheticShapes(32, seed=0), val=SyntheticShapes(16, seed=1), image_size=16, knn_mode=True, batch_size=16
     )
     results = trainer(tmp_path / "knn").validate(knn, data)
     assert 0.0 <= results[0]["knn/top1_k5"] <= 1.0
@@ -263,8 +263,8 @@ SMOKE = (
     "--trainer.accelerator=cpu",
     "--trainer.devices=1",
     "--trainer.precision=32-true",
-    "--data.init_args.dataset=synthetic",
-    "--data.init_args.num_samples=8",
+    # The embedded shapes in place of the recipes' image folders.
+    "--data.init_args.train={class_path: dinov3_pl.data.SyntheticShapes, init_args: {num_samples: 8}}",
     "--data.init_args.batch_size=4",
     "--data.init_args.num_workers=0",
     "--data.init_args.knn_monitor=false",

@@ -188,9 +188,9 @@ def test_bad_images_are_totalled_at_each_epoch_end_and_in_tensorboard(tmp_path):
     totals = [str(w.message) for w in warned if "undecodable image(s)" in str(w.message)]
     assert totals == [
         "epoch 0: skipped 1 undecodable image(s) (1 in this run); the warnings above name the files, or set "
-        "data.init_args.on_bad_image=raise to stop at the first",
+        "data.init_args.train.init_args.on_bad_image=raise to stop at the first",
         "epoch 1: skipped 1 undecodable image(s) (2 in this run); the warnings above name the files, or set "
-        "data.init_args.on_bad_image=raise to stop at the first",
+        "data.init_args.train.init_args.on_bad_image=raise to stop at the first",
     ]
     scalars = logged_scalars(logger)
     assert scalars["data/bad_images_epoch"] == [1.0, 1.0] and scalars["data/bad_images_total"] == [1.0, 2.0]

@@ -14,7 +14,7 @@ from torch.nn import functional as F
 
 from dinov3_pl.data import SyntheticShapes
 from dinov3_pl.data.classification import ClassificationDataModule
-from dinov3_pl.data.dense import SegmentationDataModule
+from dinov3_pl.data.dense import SegmentationDataModule, SyntheticShapeMasks
 from dinov3_pl.models import DINOv3Backbone, TimmBackbone, build_backbone
 from dinov3_pl.models.weights import backbone_record
 from dinov3_pl.modules import KNN, FrozenBackboneModule, LinearProbe
@@ -336,7 +336,8 @@ def test_knn_and_linear_probe_on_a_timm_backbone():
 def test_segmentation_step_detection_and_features_on_a_timm_backbone(tmp_path):
     torch.manual_seed(0)
     model = Segmentation(num_classes=9, arch="resnet18", dropout=0.0)
-    data = SegmentationDataModule("synthetic", image_size=64, batch_size=4, num_train=4, num_val=4)
+    splits = {"train": SyntheticShapeMasks(4, 64), "val": SyntheticShapeMasks(4, 64, seed=1)}
+    data = SegmentationDataModule(**splits, batch_size=4)
     before = model.head.classifier.weight.detach().clone()
     trainer = _trainer(max_steps=1, limit_val_batches=1, num_sanity_val_steps=0)
     trainer.fit(model, datamodule=data)

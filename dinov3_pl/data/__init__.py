@@ -4,11 +4,18 @@ from dinov3_pl.data.benchmarks import ADE20K, COCODetection, ImageNet, PascalVOC
 from dinov3_pl.data.classification import ClassificationDataModule
 from dinov3_pl.data.datasets import FashionMNIST, ImageFolder, SyntheticShapes
 from dinov3_pl.data.decode import read_rgb
-from dinov3_pl.data.dense import CocoDetectionDataset, DetectionDataModule, SegmentationDataModule, SegmentationFolder
+from dinov3_pl.data.dense import (
+    CocoDetectionDataset,
+    DetectionDataModule,
+    SegmentationDataModule,
+    SegmentationFolder,
+    SyntheticShapeMasks,
+)
 from dinov3_pl.data.masking import BlockMaskGenerator, IBOTMaskCollator
 from dinov3_pl.data.multicrop import MultiCropDataModule
 from dinov3_pl.data.predict import ImageFolderPredictDataModule
 from dinov3_pl.data.samplers import ShardedEvalSampler
+from dinov3_pl.data.scenes import FashionMNISTScenes
 from dinov3_pl.data.transforms import EvalTransform, MultiCropTransform
 
 __all__ = [
@@ -20,6 +27,7 @@ __all__ = [
     "DetectionDataModule",
     "EvalTransform",
     "FashionMNIST",
+    "FashionMNISTScenes",
     "IBOTMaskCollator",
     "ImageFolder",
     "ImageFolderPredictDataModule",
@@ -30,6 +38,7 @@ __all__ = [
     "SegmentationDataModule",
     "SegmentationFolder",
     "ShardedEvalSampler",
+    "SyntheticShapeMasks",
     "SyntheticShapes",
     "read_rgb",
 ]

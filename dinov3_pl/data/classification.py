@@ -23,6 +23,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from dinov3_pl.data.datasets import SyntheticShapes
+from dinov3_pl.data.decode import image_to_rgb
 from dinov3_pl.data.samplers import ShardedEvalSampler
 from dinov3_pl.data.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform
 
@@ -91,7 +92,7 @@ class _Labelled(Dataset):
             )
         image = sample["image"]
         if isinstance(image, Image.Image):
-            image = np.asarray(image.convert("RGB"))
+            image = image_to_rgb(image)  # as files are decoded: 16 bit scaled, alpha over white
         if not (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3):
             got = f"{image.dtype} array {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
             raise TypeError(f"{self.name} sample {index} has a {got} image; expected a PIL image or uint8 [H, W, 3]")

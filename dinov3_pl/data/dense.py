@@ -36,7 +36,7 @@ from dinov3_pl.data.datasets import SHAPE_CLASS_NAMES, SyntheticShapes
 
 # Images are decoded as viewers show them (EXIF orientation applied, as OpenCV's and mmcv's readers do); label maps
 # are read as stored.
-from dinov3_pl.data.decode import read_rgb
+from dinov3_pl.data.decode import image_to_rgb, read_rgb
 from dinov3_pl.data.samplers import ShardedEvalSampler
 
 __all__ = [
@@ -247,7 +247,7 @@ class _Transformed(Dataset):
     def _image(self, sample: dict, where: str) -> np.ndarray:
         image = sample.get("image")
         if isinstance(image, Image.Image):
-            image = image.convert("RGB")
+            image = image_to_rgb(image)  # as files are decoded: 16 bit scaled, alpha over white
         image = None if image is None else np.asarray(image)
         if image is None or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
             got = "no 'image'" if image is None else f"{image.dtype} {list(image.shape)}"

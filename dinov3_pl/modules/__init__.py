@@ -1,6 +1,7 @@
 """LightningModules: pretraining (DINOv3 SSL, distillation, the shared base), its parts, and the frozen-backbone
 evaluations."""
 
+from dinov3_pl.modules.bank_query import BankQueryEvaluation, IndexedRows
 from dinov3_pl.modules.detection import Detection
 from dinov3_pl.modules.distillation import DistillationModule, FeatureDistillationModule
 from dinov3_pl.modules.features import FeatureExtractor
@@ -27,6 +28,7 @@ __all__ = [
     "EMA",
     "KNN",
     "BackboneConfig",
+    "BankQueryEvaluation",
     "DINOSSLModule",
     "DINOStudent",
     "DINOTeacher",
@@ -39,6 +41,7 @@ __all__ = [
     "FrozenBackboneModule",
     "GramConfig",
     "HeadConfig",
+    "IndexedRows",
     "LinearProbe",
     "LossConfig",
     "OptimConfig",

@@ -343,7 +343,8 @@ class PretrainingModule(L.LightningModule):
         if bad:
             rank_zero_warn(
                 f"epoch {self.current_epoch}: skipped {bad} undecodable image(s) ({self._bad_images['run']} in this "
-                "run); the warnings above name the files, or set data.init_args.on_bad_image=raise to stop at the first"
+                "run); the warnings above name the files, or set data.init_args.train.init_args.on_bad_image=raise "
+                "to stop at the first"
             )
 
     # ------------------------------------------------------------------------------------------------ online kNN

@@ -167,21 +167,24 @@ def main(argv: list[str] | None = None) -> dict:
                 f"--trainer.default_root_dir={out / 'teacher'}",
                 f"--checkpoint.dirpath={out / 'teacher' / 'checkpoints'}",
                 f"--trainer.logger.init_args.save_dir={out / 'tb'}",
+                f"--data.init_args.train.init_args.root={root}",
+                f"--data.init_args.knn_queries.init_args.root={root}",
                 *options.extra,
             ]
         )
         teacher = Path(cli.trainer.checkpoint_callback.last_model_path)
         results["runs"]["teacher"] = {"steps": cli.trainer.global_step, "seconds": time.perf_counter() - started}
     else:
-        results["runs"]["teacher"] = {
-            "steps": torch.load(teacher, map_location="cpu", weights_only=True)["global_step"]
-        }
+        recorded = torch.load(teacher, map_location="cpu", weights_only=True)
+        results["runs"]["teacher"] = {"steps": recorded.get("global_step")}  # None: not a Lightning checkpoint
     results["teacher"] = str(teacher)
     checkpoints = {}
     for name in options.only:
         config, _, _ = STUDENTS[name]
         started = time.perf_counter()
-        checkpoints[name] = train(name, config, out, options.minutes, teacher, options.extra)
+        # The training data is the same Fashion-MNIST copy as the evaluation's.
+        data_root = [f"--data.init_args.train.init_args.root={root}"]
+        checkpoints[name] = train(name, config, out, options.minutes, teacher, data_root + options.extra)
         step = torch.load(checkpoints[name], map_location="cpu", weights_only=True)["global_step"]
         results["runs"][name] = {"steps": step, "seconds": time.perf_counter() - started}
         save()

@@ -53,7 +53,12 @@ from dinov3_pl import viz  # noqa: E402
 from dinov3_pl.callbacks.pca import pca_rgb  # noqa: E402
 from dinov3_pl.cli import DINOv3CLI  # noqa: E402
 from dinov3_pl.data.datasets import FashionMNIST, default_fashion_mnist_root  # noqa: E402
-from dinov3_pl.data.dense import DetectionDataModule, SegmentationDataModule  # noqa: E402
+from dinov3_pl.data.dense import (  # noqa: E402
+    CocoDetectionDataset,
+    DetectionDataModule,
+    SegmentationDataModule,
+    SegmentationFolder,
+)
 from dinov3_pl.data.multicrop import EvalDataset, collate_eval  # noqa: E402
 from dinov3_pl.data.scenes import ensure_fmnist_scenes  # noqa: E402
 from dinov3_pl.data.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform  # noqa: E402
@@ -226,7 +231,8 @@ def pretrain(budget: Budget, name: str, out: Path, tb_root: Path, fmnist_root: s
     args = [
         f"--config={REPO_ROOT / budget.pretrain_config}",
         f"--trainer.default_root_dir={out}",
-        f"--data.init_args.root={fmnist_root}",
+        f"--data.init_args.train.init_args.root={fmnist_root}",
+        f"--data.init_args.knn_queries.init_args.root={fmnist_root}",
         *budget.pretrain_overrides,
     ]
     cli = DINOv3CLI(args=args, run=False)
@@ -479,9 +485,8 @@ def dense_stage(
             log_images_every_n_epochs=1,
         )
         seg_data = SegmentationDataModule(
-            dataset="folder",
-            root=str(root),
-            num_classes=11,
+            train=SegmentationFolder(root, "training", num_classes=11),
+            val=SegmentationFolder(root, "validation", num_classes=11),
             image_size=canvas,
             scale_range=(0.75, 1.25),
             batch_size=budget.dense_batch_size,
@@ -511,10 +516,8 @@ def dense_stage(
             log_images_every_n_epochs=1,
         )
         det_data = DetectionDataModule(
-            dataset="coco",
-            image_root=str(root / "images"),
-            train_annotations=str(root / "instances_train.json"),
-            val_annotations=str(root / "instances_val.json"),
+            train=CocoDetectionDataset(root / "images", root / "instances_train.json"),
+            val=CocoDetectionDataset(root / "images", root / "instances_val.json"),
             image_size=canvas,
             scale_range=(0.8, 1.25),
             batch_size=budget.dense_batch_size,
