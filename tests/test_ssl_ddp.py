@@ -1,5 +1,5 @@
-"""Real 2-process DDP runs (gloo, CPU) of the demo pretraining recipe: a short run, and exact resume on an
-epoch boundary and inside an epoch."""
+"""Real 2-process DDP runs (gloo, CPU) of the demo pretraining recipe, launched as torchrun launches them: a run with
+the online kNN monitor whose weights agree across ranks, and exact resume on an epoch boundary and inside an epoch."""
 
 import os
 import socket
@@ -7,45 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import lightning as L
 import torch
-
-from dinov3_pl.cli import main as cli_main
-from tests.test_ssl_fit import cli_args
-
-# Spawned (not forked) processes: a fork after the notebook tests' zmq threads can deadlock the suite.
-TWO_CPU_PROCESSES = ("--trainer.devices=2", "--trainer.accelerator=cpu", "--trainer.strategy=ddp_spawn")
-
-
-class RanksAgree(L.Callback):
-    """Checks, on every rank, that student and teacher weights are identical across the processes."""
-
-    def on_train_end(self, trainer, pl_module):
-        import torch.distributed as dist
-
-        for name in ("student", "teacher"):
-            flat = torch.cat([p.detach().flatten() for p in getattr(pl_module, name).parameters()])
-            gathered = [torch.zeros_like(flat) for _ in range(dist.get_world_size())]
-            dist.all_gather(gathered, flat)
-            assert all(torch.equal(gathered[0], other) for other in gathered[1:]), f"{name} differs across ranks"
-        pl_module.ranks_checked = True
-
-
-def test_two_process_ddp_run_of_the_demo_recipe(tmp_path):
-    """Real DDP on CPU (gloo): Sinkhorn-Knopp sums, the finite-loss vote and gradients all cross processes."""
-    cli = cli_main(
-        [arg for arg in cli_args(tmp_path) if not arg.startswith("--trainer.callbacks")]
-        + [
-            *TWO_CPU_PROCESSES,
-            "--trainer.callbacks+=tests.test_ssl_ddp.RanksAgree",
-            "--data.init_args.train.init_args.num_samples=96",
-            "--trainer.check_val_every_n_epoch=1",
-        ]  # 3 batches of 16 per rank
-    )
-    # ddp_spawn returns the weights to this process, not the loop state: read the step from the checkpoint.
-    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    assert checkpoint["global_step"] == 3
-    assert "knn/top1_k10" in cli.trainer.callback_metrics  # the online kNN monitor ran across both ranks
 
 
 def _free_port() -> int:
@@ -60,11 +22,12 @@ def _newest_last_checkpoint(root: Path) -> dict:
     return torch.load(newest, map_location="cpu", weights_only=True)
 
 
-def test_two_process_resume_on_an_epoch_boundary_and_inside_an_epoch_is_exact(tmp_path):
-    """Two processes launched as torchrun launches them (tests/ddp_resume_worker.py), 3 epochs of 2 steps, stopped
-    by max_steps on an epoch boundary (step 2) and inside an epoch (step 3), resumed with --ckpt_path last: both
-    ranks continue with exactly the samples they had not trained, so student, teacher, AdamW state and the data
-    position equal the uninterrupted run's."""
+def test_two_process_run_agrees_across_ranks_and_resumes_exactly_on_and_inside_an_epoch(tmp_path):
+    """Two processes launched as torchrun launches them (tests/ddp_resume_worker.py). First a run with the online kNN
+    monitor: student and teacher weights identical on both ranks, the monitor's metrics logged. Then 3 epochs of 2
+    steps, stopped by max_steps on an epoch boundary (step 2) and inside an epoch (step 3), resumed with
+    --ckpt_path last: both ranks continue with exactly the samples they had not trained, so student, teacher, AdamW
+    state and the data position equal the uninterrupted run's."""
     stops = (2, 3)
     environment = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2"}
     command = [sys.executable, "-m", "tests.ddp_resume_worker", str(tmp_path), *map(str, stops)]
@@ -73,6 +36,7 @@ def test_two_process_resume_on_an_epoch_boundary_and_inside_an_epoch_is_exact(tm
         for rank in range(2)
     ]
     assert [process.wait(timeout=600) for process in ranks] == [0, 0]
+    assert _newest_last_checkpoint(tmp_path / "monitored")["global_step"] == 6
     straight = _newest_last_checkpoint(tmp_path / "straight")
     assert straight["global_step"] == 6
     for stop in stops:
