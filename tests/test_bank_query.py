@@ -1,5 +1,5 @@
 """BankQueryEvaluation: the [bank, queries] workflow, the gathered store in dataset order, and a toy task on hand-made
-features with a known answer (one process, simulated ranks, and 2 gloo processes)."""
+features with a known answer (one process and simulated ranks; the 2-process run is in tests/test_ddp_eval.py)."""
 
 from __future__ import annotations
 
@@ -293,16 +293,5 @@ def test_indexed_rows_gather_with_an_empty_rank_fails_alike_on_every_rank():
     assert simulate_ranks(2, lambda rank, all_gather: IndexedRows().gather(all_gather)) == [{}, {}]
 
 
-# ------------------------------------------------------------------------------------------- 2 processes
-@pytest.mark.slow  # ~60 s on 2 busy CPU cores, nearly all of it two spawned interpreters importing torch and Lightning
-def test_two_gloo_processes_gather_the_bank_in_dataset_order_without_repeats(tmp_path):
-    """Lightning ddp_spawn on the CPU: the bank goes through torch's padded DistributedSampler (38 rows for 37
-    samples), the queries through ShardedEvalSampler; both ranks get the whole dataset in order, once."""
-    single = trainer().validate(NearestBankIndex(), datamodule=BankQueryData(padded_bank=True))[0]
-    model = NearestBankIndex(record_dir=str(tmp_path))
-    double = trainer(devices=2, strategy="ddp_spawn").validate(model, datamodule=BankQueryData(padded_bank=True))[0]
-    assert double == single == {"toy/found": 1.0, "toy/bank_size": BANK_SIZE, "toy/num_queries": QUERY_SIZE}
-    records = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
-    for record in records:
-        check_gathered(record)
-    assert sum(record["local"]["bank_rows"] for record in records) == BANK_SIZE + 1  # the repeat was there
+# The 2-process run (padded bank sampler, gathered in dataset order): tests/test_ddp_eval.py, which shares its
+# processes with the other evaluations.

@@ -1,11 +1,16 @@
 """DDP evaluation: eval loaders shard the data without padding duplicates, and the kNN bank stays sharded.
 
-Multi-process tests run real gloo process groups on the CPU in spawned (not forked) processes.
+Multi-process tests run real gloo process groups on the CPU: the metric alone in spawned (not forked) processes,
+the Lightning modules in one pair of torchrun-style processes (tests/ddp_eval_worker.py) shared by the tests below.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -124,20 +129,14 @@ class RecordSeenIndices(L.Callback):
         Path(self.out_dir, f"indices_rank{trainer.global_rank}.json").write_text(json.dumps(self.seen))
 
 
-def _validate(model: L.LightningModule, data: L.LightningDataModule, processes: int, callbacks=()) -> dict:
-    distributed = {"devices": 2, "strategy": "ddp_spawn"} if processes == 2 else {"devices": 1}
+def _validate_one_process(model: L.LightningModule, data: L.LightningDataModule) -> dict:
     trainer = L.Trainer(
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=list(callbacks),
-        **distributed,
+        accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False
     )
     return {name: float(value) for name, value in trainer.validate(model, datamodule=data)[0].items()}
 
 
-def _classification_data(knn_mode: bool) -> ClassificationDataModule:
+def classification_data(knn_mode: bool) -> ClassificationDataModule:
     return ClassificationDataModule(
         train=SyntheticShapes(BANK_SIZE, image_size=32, seed=0),
         val=SyntheticShapes(QUERY_SIZE, image_size=32, seed=1),
@@ -148,31 +147,77 @@ def _classification_data(knn_mode: bool) -> ClassificationDataModule:
     )
 
 
-def test_knn_validate_on_two_processes_equals_one_process_and_counts_each_sample_once(tmp_path):
+def knn_model() -> KNN:
     torch.manual_seed(0)
-    model = KNN(backbone_kwargs=TINY_BACKBONE, feature_type="cls_meanpatch", ks=(1, 5, 20))
-    single = _validate(model, _classification_data(knn_mode=True), processes=1)
-    double = _validate(
-        model, _classification_data(knn_mode=True), processes=2, callbacks=[RecordSeenIndices(str(tmp_path))]
-    )
+    return KNN(backbone_kwargs=TINY_BACKBONE, feature_type="cls_meanpatch", ks=(1, 5, 20))
+
+
+def linear_probe_model() -> LinearProbe:
+    torch.manual_seed(0)
+    # Untrained heads: enough to compare the metric; 3 learning rates are 3 independently initialised heads.
+    return LinearProbe(num_classes=8, backbone_kwargs=TINY_BACKBONE, learning_rates=(0.1, 0.01, 0.001))
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory) -> Path:
+    """Runs tests/ddp_eval_worker.py on 2 ranks (KNN, LinearProbe and BankQueryEvaluation validations); its folder."""
+    out = tmp_path_factory.mktemp("ddp_eval")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    environment = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2"}
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, "-m", "tests.ddp_eval_worker", str(out)],
+            env={**environment, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+            cwd=Path(__file__).resolve().parents[1],
+        )
+        for rank in range(2)
+    ]
+    assert [process.wait(timeout=600) for process in ranks] == [0, 0]
+    return out
+
+
+def two_process_results(out: Path, run: str) -> dict[str, float]:
+    results = [json.loads((out / f"results_rank{rank}.json").read_text())[run] for rank in range(2)]
+    assert results[0] == results[1], f"{run}: ranks logged different values"
+    return results[0]
+
+
+def test_knn_validate_on_two_processes_equals_one_process_and_counts_each_sample_once(two_processes):
+    single = _validate_one_process(knn_model(), classification_data(knn_mode=True))
+    double = two_process_results(two_processes, "knn")
     assert single["knn/bank_size"] == double["knn/bank_size"] == BANK_SIZE
     assert single["knn/num_queries"] == double["knn/num_queries"] == QUERY_SIZE
     assert double == single
     assert {"knn/top1_k5", "knn/top5_k5"} <= set(single)
-    seen = [json.loads((tmp_path / f"indices_rank{rank}.json").read_text()) for rank in range(2)]
+    seen = [json.loads((two_processes / f"indices_rank{rank}.json").read_text()) for rank in range(2)]
     for loader, size in (("0", BANK_SIZE), ("1", QUERY_SIZE)):
         assert sorted(seen[0][loader] + seen[1][loader]) == list(range(size)), loader  # each sample exactly once
 
 
-def test_linear_probe_validate_on_two_processes_equals_one_process():
-    torch.manual_seed(0)
-    # Untrained heads: enough to compare the metric; 3 learning rates are 3 independently initialised heads.
-    model = LinearProbe(num_classes=8, backbone_kwargs=TINY_BACKBONE, learning_rates=(0.1, 0.01, 0.001))
-    single = _validate(model, _classification_data(knn_mode=False), processes=1)
-    double = _validate(model, _classification_data(knn_mode=False), processes=2)
+def test_linear_probe_validate_on_two_processes_equals_one_process(two_processes):
+    single = _validate_one_process(linear_probe_model(), classification_data(knn_mode=False))
+    double = two_process_results(two_processes, "linear_probe")
     per_head = [name for name in single if name.startswith("linear/lr_")]
     assert len(per_head) == 3
     assert double == pytest.approx(single, abs=1e-7)
     # A duplicated query would move an accuracy off the k / 23 grid; check the values are not all trivial.
     assert {round(single[name] * QUERY_SIZE, 4) % 1 for name in per_head} == {0.0}
     assert any(0.0 < single[name] < 1.0 for name in per_head)
+
+
+def test_bank_query_gathers_the_bank_in_dataset_order_without_repeats_on_two_processes(two_processes):
+    """The bank goes through torch's padded DistributedSampler (38 rows for 37 samples), the queries through
+    ShardedEvalSampler; both ranks get the whole dataset in order, once (tests/test_bank_query.py's toy task)."""
+    from tests.test_bank_query import BANK_SIZE as TOY_BANK
+    from tests.test_bank_query import QUERY_SIZE as TOY_QUERIES
+    from tests.test_bank_query import BankQueryData, NearestBankIndex, check_gathered
+
+    single = _validate_one_process(NearestBankIndex(), BankQueryData(padded_bank=True))
+    double = two_process_results(two_processes, "bank_query")
+    assert double == single == {"toy/found": 1.0, "toy/bank_size": TOY_BANK, "toy/num_queries": TOY_QUERIES}
+    records = [json.loads((two_processes / f"rank{rank}.json").read_text()) for rank in range(2)]
+    for record in records:
+        check_gathered(record)
+    assert sum(record["local"]["bank_rows"] for record in records) == TOY_BANK + 1  # the repeat was there
