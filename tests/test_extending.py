@@ -33,8 +33,8 @@ CountingProbe = docs_example("# my_tasks/counting.py")["CountingProbe"]
 LabelRetrieval = docs_example("# my_tasks/retrieval.py")["LabelRetrieval"]
 
 
-class ShapeCounts(Dataset):
-    """SyntheticShapes images with the number of visible shapes as the target."""
+class ShapeBatchItems(Dataset):
+    """SyntheticShapes images as ``{"images", "indices"}`` plus a subclass's target entries."""
 
     def __init__(self, num_samples: int, seed: int) -> None:
         from dinov3_pl.data.datasets import SyntheticShapes
@@ -44,10 +44,20 @@ class ShapeCounts(Dataset):
     def __len__(self) -> int:
         return len(self.shapes)
 
+    def targets(self, sample: dict) -> dict:
+        raise NotImplementedError
+
     def __getitem__(self, index: int) -> dict:
         sample = self.shapes[index]
         image = torch.from_numpy(sample["image"]).permute(2, 0, 1).float() / 255.0
-        return {"images": image, "counts": float(len(sample["boxes"])), "indices": index}
+        return {"images": image, "indices": index, **self.targets(sample)}
+
+
+class ShapeCounts(ShapeBatchItems):
+    """The number of visible shapes as the target."""
+
+    def targets(self, sample: dict) -> dict:
+        return {"counts": float(len(sample["boxes"]))}
 
 
 class ShapeCountsData(L.LightningDataModule):
@@ -113,21 +123,11 @@ data:
 
 
 # ---------------------------------------------------------------------------- the retrieval example
-class LabelledShapes(Dataset):
-    """SyntheticShapes images with their class (8 shapes), as ``{"images", "labels", "indices"}``."""
+class LabelledShapes(ShapeBatchItems):
+    """The class (8 shapes) as ``labels``."""
 
-    def __init__(self, num_samples: int, seed: int) -> None:
-        from dinov3_pl.data.datasets import SyntheticShapes
-
-        self.shapes = SyntheticShapes(num_samples, image_size=32, seed=seed)
-
-    def __len__(self) -> int:
-        return len(self.shapes)
-
-    def __getitem__(self, index: int) -> dict:
-        sample = self.shapes[index]
-        image = torch.from_numpy(sample["image"]).permute(2, 0, 1).float() / 255.0
-        return {"images": image, "labels": int(sample["label"]), "indices": index}
+    def targets(self, sample: dict) -> dict:
+        return {"labels": int(sample["label"])}
 
 
 class BankAndQueries(L.LightningDataModule):

@@ -22,7 +22,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from dinov3_pl.data.datasets import SyntheticShapes
+from dinov3_pl.data.datasets import SyntheticShapes, prepare_datasets
 from dinov3_pl.data.decode import image_to_rgb
 from dinov3_pl.data.samplers import ShardedEvalSampler
 from dinov3_pl.data.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform
@@ -208,13 +208,7 @@ class ClassificationDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------------------------ datasets
     def prepare_data(self) -> None:
-        """Runs ``prepare()`` (download, build files) of the datasets that have one: once per node under DDP."""
-        prepared: set[int] = set()
-        for dataset in self.datasets.values():
-            prepare = getattr(dataset, "prepare", None)
-            if callable(prepare) and id(dataset) not in prepared:
-                prepared.add(id(dataset))
-                prepare()
+        prepare_datasets(self.datasets.values())
 
     def _read_num_classes(self) -> int:
         if self.given_num_classes is not None:

@@ -18,6 +18,7 @@ import gzip
 import math
 import os
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,10 +34,23 @@ __all__ = [
     "FashionMNIST",
     "ImageFolder",
     "default_fashion_mnist_root",
+    "prepare_datasets",
     "FASHION_MNIST_DEBIAN_ROOT",
 ]
 
 Sample = dict[str, Any]
+
+
+def prepare_datasets(datasets: Iterable[Dataset | None]) -> None:
+    """Runs ``prepare()`` (download or build files) of each dataset that has one, once per object.
+
+    DataModules call it from ``prepare_data``, which Lightning runs on one process per node: files are written once,
+    not by every DDP rank (see docs/datasets.md).
+    """
+    for dataset in {id(data): data for data in datasets if data is not None}.values():
+        prepare = getattr(dataset, "prepare", None)
+        if callable(prepare):
+            prepare()
 
 
 # --------------------------------------------------------------------------------------------------------------------

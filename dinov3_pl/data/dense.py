@@ -32,7 +32,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from dinov3_pl.data.datasets import SHAPE_CLASS_NAMES, SyntheticShapes
+from dinov3_pl.data.datasets import SHAPE_CLASS_NAMES, SyntheticShapes, prepare_datasets
 
 # Images are decoded as viewers show them (EXIF orientation applied, as OpenCV's and mmcv's readers do); label maps
 # are read as stored.
@@ -487,12 +487,7 @@ class _DenseDataModule(pl.LightningDataModule):
         raise NotImplementedError
 
     def prepare_data(self) -> None:
-        # Lightning calls this on one process per node (rank zero under DDP): datasets that download or build
-        # their files (e.g. FashionMNISTScenes) do it once here, not on every rank.
-        for dataset in {id(data): data for data in self.datasets.values()}.values():
-            prepare = getattr(dataset, "prepare", None)
-            if callable(prepare):
-                prepare()
+        prepare_datasets(self.datasets.values())
 
     def setup(self, stage: str | None = None) -> None:
         self._check_model_classes()

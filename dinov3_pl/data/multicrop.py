@@ -30,7 +30,7 @@ from lightning.pytorch import LightningDataModule
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
-from dinov3_pl.data.datasets import ImageFolder, SyntheticShapes
+from dinov3_pl.data.datasets import ImageFolder, SyntheticShapes, prepare_datasets
 from dinov3_pl.data.masking import IBOTMaskCollator
 from dinov3_pl.data.samplers import ShardedEvalSampler
 from dinov3_pl.data.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform, MultiCropTransform
@@ -382,13 +382,7 @@ class MultiCropDataModule(LightningDataModule):
 
     # ----------------------------------------------------------------------------------------------------------------
     def prepare_data(self) -> None:
-        """Runs ``prepare()`` (download, build files) of the datasets that have one: once per node under DDP."""
-        prepared: set[int] = set()
-        for dataset in self.datasets.values():
-            prepare = getattr(dataset, "prepare", None)
-            if callable(prepare) and id(dataset) not in prepared:
-                prepared.add(id(dataset))
-                prepare()
+        prepare_datasets(self.datasets.values())
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_dataset is not None:
