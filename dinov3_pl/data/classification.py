@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from dinov3_pl.data.datasets import SyntheticShapes, prepare_datasets
 from dinov3_pl.data.decode import image_to_rgb
 from dinov3_pl.data.samplers import ShardedEvalSampler
-from dinov3_pl.data.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform
+from dinov3_pl.data.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform, ProcessSeeded
 
 __all__ = ["ClassificationDataModule", "classification_collate", "eval_transform", "train_transform"]
 
@@ -37,12 +37,14 @@ def train_transform(
 
     Returns a callable ``uint8 [H, W, 3] -> float [3, S, S]`` like ``EvalTransform``.
     """
-    pipeline = A.Compose(
-        [
-            A.RandomResizedCrop(size=(image_size, image_size), scale=tuple(scale), interpolation=cv2.INTER_CUBIC),
-            A.HorizontalFlip(p=0.5),
-            A.Normalize(mean=mean, std=std),
-        ]
+    pipeline = ProcessSeeded(
+        A.Compose(
+            [
+                A.RandomResizedCrop(size=(image_size, image_size), scale=tuple(scale), interpolation=cv2.INTER_CUBIC),
+                A.HorizontalFlip(p=0.5),
+                A.Normalize(mean=mean, std=std),
+            ]
+        )
     )
 
     def transform(image: np.ndarray) -> Tensor:

@@ -38,6 +38,7 @@ from dinov3_pl.data.datasets import SHAPE_CLASS_NAMES, SyntheticShapes, prepare_
 # are read as stored.
 from dinov3_pl.data.decode import image_to_rgb, read_rgb
 from dinov3_pl.data.samplers import ShardedEvalSampler
+from dinov3_pl.data.transforms import IMAGENET_MEAN, IMAGENET_STD, ProcessSeeded
 
 __all__ = [
     "IGNORE_INDEX",
@@ -53,8 +54,6 @@ __all__ = [
 ]
 
 IGNORE_INDEX = 255
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
 
@@ -226,7 +225,7 @@ class _Transformed(Dataset):
     def __init__(
         self,
         dataset: Dataset,
-        transform: A.Compose,
+        transform: ProcessSeeded | A.Compose,
         kind: Literal["segmentation", "detection"],
         num_classes: int,
         name: str,
@@ -343,7 +342,7 @@ def _scale_limit(scale_range: Sequence[float]) -> tuple[float, float]:
 
 def segmentation_transforms(
     image_size: int, scale_range: Sequence[float], flip_prob: float, eval_size: int | None
-) -> tuple[A.Compose, A.Compose]:
+) -> tuple[ProcessSeeded, A.Compose]:
     """(train, eval): train = resize short side, random scale, pad (mask 255), random crop, flip, normalise."""
     train = A.Compose(
         [
@@ -359,12 +358,12 @@ def segmentation_transforms(
         ([A.SmallestMaxSize(max_size=eval_size)] if eval_size else [])
         + [A.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD)]
     )
-    return train, evaluation
+    return ProcessSeeded(train), evaluation
 
 
 def detection_transforms(
     image_size: int, scale_range: Sequence[float], flip_prob: float, min_visibility: float
-) -> tuple[A.Compose, A.Compose]:
+) -> tuple[ProcessSeeded, A.Compose]:
     """(train, eval): longest side → ``image_size`` and pad to a square; train adds random scale, crop and flip
     (boxes cut below ``min_visibility`` of their area are dropped)."""
     pad = A.PadIfNeeded(image_size, image_size, position="top_left", border_mode=cv2.BORDER_CONSTANT, fill=0)
@@ -386,7 +385,7 @@ def detection_transforms(
         [A.LongestMaxSize(max_size=image_size), pad, normalise],
         bbox_params=A.BboxParams(format="pascal_voc", label_fields=["labels"], clip=True),
     )
-    return train, evaluation
+    return ProcessSeeded(train), evaluation
 
 
 # ------------------------------------------------------------------------------------------------ datamodules
@@ -483,7 +482,7 @@ class _DenseDataModule(pl.LightningDataModule):
     def _synthetic_default(image_size: int, seed: int) -> tuple[Dataset, Dataset]:
         raise NotImplementedError
 
-    def _transforms(self) -> tuple[A.Compose, A.Compose]:
+    def _transforms(self) -> tuple[ProcessSeeded, A.Compose]:
         raise NotImplementedError
 
     def prepare_data(self) -> None:
@@ -496,7 +495,7 @@ class _DenseDataModule(pl.LightningDataModule):
         train_tf, eval_tf = self._transforms()
         wrapped: dict[tuple[int, int], _Transformed] = {}
 
-        def wrap(split: str, transform: A.Compose) -> _Transformed:
+        def wrap(split: str, transform: ProcessSeeded | A.Compose) -> _Transformed:
             dataset = self.datasets[split]
             key = (id(dataset), id(transform))
             if key not in wrapped:  # test = val: one wrapper, its dataset read and checked once
@@ -589,7 +588,7 @@ class SegmentationDataModule(_DenseDataModule):
             SyntheticShapeMasks(SYNTHETIC_VAL_SAMPLES, image_size, seed + SYNTHETIC_VAL_SEED_OFFSET),
         )
 
-    def _transforms(self) -> tuple[A.Compose, A.Compose]:
+    def _transforms(self) -> tuple[ProcessSeeded, A.Compose]:
         hp = self.hparams
         return segmentation_transforms(hp.image_size, hp.scale_range, hp.flip_prob, hp.eval_size)
 
@@ -642,6 +641,6 @@ class DetectionDataModule(_DenseDataModule):
             SyntheticShapes(SYNTHETIC_VAL_SAMPLES, image_size, seed + SYNTHETIC_VAL_SEED_OFFSET),
         )
 
-    def _transforms(self) -> tuple[A.Compose, A.Compose]:
+    def _transforms(self) -> tuple[ProcessSeeded, A.Compose]:
         hp = self.hparams
         return detection_transforms(hp.image_size, hp.scale_range, hp.flip_prob, hp.min_visibility)

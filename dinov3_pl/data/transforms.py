@@ -35,6 +35,7 @@ __all__ = [
     "sample_crop_box",
     "to_rgb_array",
     "resize_bicubic",
+    "ProcessSeeded",
 ]
 
 # Data-loader workers are the parallelism; OpenCV's own thread pool (used inside albumentations) is not fork-safe:
@@ -43,6 +44,28 @@ cv2.setNumThreads(0)
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+
+class ProcessSeeded:
+    """An albumentations pipeline whose random state is seeded from torch's seed of the process that calls it.
+
+    Left alone, ``A.Compose`` draws from its own generator, seeded from the OS: ``seed_everything`` does not make it
+    reproducible, and every DataLoader worker starts from a pickled copy of the same state, so the workers repeat each
+    other's augmentations. ``torch.initial_seed()`` is the run's seed in the main process and a distinct, reproducible
+    seed in each worker (Lightning's ``seed_everything(workers=True)`` / torch's worker seeding), so seeding from it on
+    first use in each process fixes both.
+    """
+
+    def __init__(self, pipeline: A.Compose) -> None:
+        self.pipeline = pipeline
+        self._seeded_for: int | None = None
+
+    def __call__(self, **data: Any) -> dict[str, Any]:
+        seed = torch.initial_seed()
+        if seed != self._seeded_for:
+            self.pipeline.set_random_seed(seed % 2**32)
+            self._seeded_for = seed
+        return self.pipeline(**data)
 
 
 def to_rgb_array(image: Any) -> np.ndarray:
