@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import albumentations as A
@@ -22,7 +21,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from dinov3_pl.data.datasets import SyntheticShapes, prepare_datasets
+from dinov3_pl.data.datasets import SyntheticShapes, describe_dataset, prepare_datasets
 from dinov3_pl.data.decode import image_to_rgb
 from dinov3_pl.data.samplers import ShardedEvalSampler
 from dinov3_pl.data.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform, ProcessSeeded
@@ -61,12 +60,6 @@ def eval_transform(image_size: int, crop_ratio: float, mean: Sequence[float], st
     transform as the SSL module's online kNN monitor (``dinov3_pl.data.transforms.EvalTransform``).
     """
     return EvalTransform(size=image_size, resize_size=round(image_size / crop_ratio), mean=tuple(mean), std=tuple(std))
-
-
-def _describe(dataset: Dataset) -> str:
-    """The dataset's class, and its folder when it has one, for error messages."""
-    root = inspect.getattr_static(dataset, "root", None)
-    return f"{type(dataset).__name__} at {root}" if isinstance(root, str | Path) else type(dataset).__name__
 
 
 class _Labelled(Dataset):
@@ -181,7 +174,7 @@ class ClassificationDataModule(L.LightningDataModule):
             )
         if train is not None and val is None:
             raise ValueError(
-                f"ClassificationDataModule got train ({_describe(train)}) but no val split: pass val (the kNN "
+                f"ClassificationDataModule got train ({describe_dataset(train)}) but no val split: pass val (the kNN "
                 "queries / the linear probe's validation data); test defaults to val"
             )
         if train is None:
@@ -194,7 +187,7 @@ class ClassificationDataModule(L.LightningDataModule):
         # Static lookup: a dataset that reads its files lazily must not be made to read them here.
         if num_classes is None and inspect.getattr_static(train, "num_classes", None) is None:
             raise ValueError(
-                f"the train split ({_describe(train)}) has no num_classes attribute: pass num_classes to "
+                f"the train split ({describe_dataset(train)}) has no num_classes attribute: pass num_classes to "
                 "ClassificationDataModule or give the dataset a num_classes attribute"
             )
         for name, limit in (("max_train_samples", max_train_samples), ("max_eval_samples", max_eval_samples)):
@@ -219,7 +212,7 @@ class ClassificationDataModule(L.LightningDataModule):
         num_classes = int(train.num_classes)
         if num_classes < 2:
             raise ValueError(
-                f"the train split ({_describe(train)}) has num_classes={num_classes}: classification needs "
+                f"the train split ({describe_dataset(train)}) has num_classes={num_classes}: classification needs "
                 "labelled data with at least 2 classes (an ImageFolder needs with_labels: true)"
             )
         return num_classes
@@ -231,8 +224,8 @@ class ClassificationDataModule(L.LightningDataModule):
         for split in ("val", "test"):
             if train_names and named[split] and named[split] != train_names:
                 raise ValueError(
-                    f"the {split} split ({_describe(self.datasets[split])}) has classes "
-                    f"{list(named[split])}, the train split ({_describe(self.datasets['train'])}) "
+                    f"the {split} split ({describe_dataset(self.datasets[split])}) has classes "
+                    f"{list(named[split])}, the train split ({describe_dataset(self.datasets['train'])}) "
                     f"{list(train_names)}: labels would not match; give every split the same classes"
                 )
         return train_names or None
@@ -257,12 +250,12 @@ class ClassificationDataModule(L.LightningDataModule):
         }
         for split, data in subsets.items():
             if len(data) == 0:
-                raise ValueError(f"the {split} split ({_describe(self.datasets[split])}) is empty")
+                raise ValueError(f"the {split} split ({describe_dataset(self.datasets[split])}) is empty")
         eval_tf = eval_transform(hp.image_size, hp.eval_crop_ratio, hp.mean, hp.std)
         train_tf = train_transform(hp.image_size, hp.crop_scale, hp.mean, hp.std) if hp.train_augmentation else eval_tf
 
         def wrap(split: str, transform: Callable) -> Dataset:
-            name = f"{split} split ({_describe(self.datasets[split])})"
+            name = f"{split} split ({describe_dataset(self.datasets[split])})"
             return _Labelled(subsets[split], transform, self.num_classes, name)
 
         self._splits = {

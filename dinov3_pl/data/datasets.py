@@ -15,6 +15,7 @@ has them, ``"mask"`` (uint8 [H, W], 0 = background, class c -> c + 1), ``"boxes"
 from __future__ import annotations
 
 import gzip
+import inspect
 import math
 import os
 import warnings
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 from dinov3_pl.data.decode import DEFAULT_MAX_IMAGE_PIXELS, ImageTooLargeError, read_rgb
 
@@ -34,11 +35,21 @@ __all__ = [
     "FashionMNIST",
     "ImageFolder",
     "default_fashion_mnist_root",
+    "describe_dataset",
     "prepare_datasets",
     "FASHION_MNIST_DEBIAN_ROOT",
 ]
 
 Sample = dict[str, Any]
+
+
+def describe_dataset(dataset: Dataset) -> str:
+    """The dataset's class, and its folder when it has one, for error messages."""
+    if isinstance(dataset, Subset):
+        return f"a subset of {describe_dataset(dataset.dataset)}"
+    # Static lookup: a dataset that reads its files lazily must not be made to read them for a message.
+    root = inspect.getattr_static(dataset, "root", None)
+    return f"{type(dataset).__name__} at {root}" if isinstance(root, str | Path) else type(dataset).__name__
 
 
 def prepare_datasets(datasets: Iterable[Dataset | None]) -> None:

@@ -18,10 +18,8 @@ different crops, and a run is reproducible given the seed whatever the number of
 
 from __future__ import annotations
 
-import inspect
 import os
 from collections.abc import Iterator, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,7 +28,7 @@ from lightning.pytorch import LightningDataModule
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
-from dinov3_pl.data.datasets import ImageFolder, SyntheticShapes, prepare_datasets
+from dinov3_pl.data.datasets import ImageFolder, SyntheticShapes, describe_dataset, prepare_datasets
 from dinov3_pl.data.masking import IBOTMaskCollator
 from dinov3_pl.data.samplers import ShardedEvalSampler
 from dinov3_pl.data.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform, MultiCropTransform
@@ -47,15 +45,6 @@ __all__ = [
 # The embedded default training data (``train=None``), as the demo has always drawn it.
 EMBEDDED_NUM_SAMPLES = 2048
 EMBEDDED_IMAGE_SIZE = 64
-
-
-def _describe(dataset: Dataset) -> str:
-    """The dataset's class, and its folder when it has one, for error messages."""
-    if isinstance(dataset, Subset):
-        return f"a subset of {_describe(dataset.dataset)}"
-    # Static lookup: a dataset that reads its files lazily must not be made to read them for a message.
-    root = inspect.getattr_static(dataset, "root", None)
-    return f"{type(dataset).__name__} at {root}" if isinstance(root, str | Path) else type(dataset).__name__
 
 
 def _declared_num_classes(dataset: Dataset) -> int | None:
@@ -85,14 +74,15 @@ def _check_sample(sample: Any, dataset: Dataset, index: int) -> None:
     if not isinstance(sample, Mapping) or "image" not in sample:
         got = f"a dict with keys {sorted(sample)}" if isinstance(sample, Mapping) else f"a {type(sample).__name__}"
         raise TypeError(
-            f"{_describe(dataset)} sample {index} is {got}; samples must be dicts with 'image' (uint8 [H, W, 3] RGB "
-            "or a PIL image) and optionally 'label' (int class id, -1 unknown), or None for an unreadable image"
+            f"{describe_dataset(dataset)} sample {index} is {got}; samples must be dicts with 'image' (uint8 "
+            "[H, W, 3] RGB or a PIL image) and optionally 'label' (int class id, -1 unknown), or None for an "
+            "unreadable image"
         )
     image = sample["image"]
     if not isinstance(image, np.ndarray | Image.Image):
         raise TypeError(
-            f"{_describe(dataset)} sample {index} has a {type(image).__name__} image; expected uint8 [H, W, 3] RGB "
-            "(a numpy array) or a PIL image"
+            f"{describe_dataset(dataset)} sample {index} has a {type(image).__name__} image; expected uint8 "
+            "[H, W, 3] RGB (a numpy array) or a PIL image"
         )
 
 
@@ -400,8 +390,8 @@ class MultiCropDataModule(LightningDataModule):
             num_classes = _declared_num_classes(dataset) if dataset is not None else None
             if num_classes is not None and num_classes < 2:
                 raise ValueError(
-                    f"data.init_args.{name} ({_describe(dataset)}) has num_classes={num_classes}: the kNN monitor "
-                    f"needs labelled images{_labels_hint(dataset)}"
+                    f"data.init_args.{name} ({describe_dataset(dataset)}) has num_classes={num_classes}: the kNN "
+                    f"monitor needs labelled images{_labels_hint(dataset)}"
                 )
         if bank is None or queries is None:
             num_classes = _declared_num_classes(train)
@@ -409,7 +399,7 @@ class MultiCropDataModule(LightningDataModule):
                 classes = "no num_classes attribute" if num_classes is None else f"num_classes={num_classes}"
                 raise ValueError(
                     f"knn_monitor: true needs labelled images for the kNN bank and queries, and the training set "
-                    f"({_describe(train)}, {classes}) is unlabelled{_labels_hint(train)}: give "
+                    f"({describe_dataset(train)}, {classes}) is unlabelled{_labels_hint(train)}: give "
                     "data.init_args.knn_bank and data.init_args.knn_queries (labelled datasets), or set "
                     "data.init_args.knn_monitor=false to pretrain without the kNN monitor"
                 )
