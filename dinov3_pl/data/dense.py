@@ -409,6 +409,7 @@ class _DenseDataModule(pl.LightningDataModule):
 
     kind: Literal["segmentation", "detection"]
     collate: Callable[[Sequence[dict]], dict]
+    synthetic_dataset: type[Dataset]  # the embedded default data when no datasets are given
 
     def _take_datasets(
         self,
@@ -478,9 +479,11 @@ class _DenseDataModule(pl.LightningDataModule):
         self.class_names: list[str] | None = list(class_names) if class_names else None
         self.train_set = self.val_set = self.test_set = None
 
-    @staticmethod
-    def _synthetic_default(image_size: int, seed: int) -> tuple[Dataset, Dataset]:
-        raise NotImplementedError
+    def _synthetic_default(self, image_size: int, seed: int) -> tuple[Dataset, Dataset]:
+        return (
+            self.synthetic_dataset(SYNTHETIC_TRAIN_SAMPLES, image_size, seed),
+            self.synthetic_dataset(SYNTHETIC_VAL_SAMPLES, image_size, seed + SYNTHETIC_VAL_SEED_OFFSET),
+        )
 
     def _transforms(self) -> tuple[ProcessSeeded, A.Compose]:
         raise NotImplementedError
@@ -561,6 +564,7 @@ class SegmentationDataModule(_DenseDataModule):
 
     kind = "segmentation"
     collate = staticmethod(segmentation_collate)
+    synthetic_dataset = SyntheticShapeMasks
 
     def __init__(
         self,
@@ -580,13 +584,6 @@ class SegmentationDataModule(_DenseDataModule):
         super().__init__()
         self.save_hyperparameters(ignore=_NOT_HYPERPARAMETERS)
         self._take_datasets(train, val, test, num_classes, image_size, seed)
-
-    @staticmethod
-    def _synthetic_default(image_size: int, seed: int) -> tuple[Dataset, Dataset]:
-        return (
-            SyntheticShapeMasks(SYNTHETIC_TRAIN_SAMPLES, image_size, seed),
-            SyntheticShapeMasks(SYNTHETIC_VAL_SAMPLES, image_size, seed + SYNTHETIC_VAL_SEED_OFFSET),
-        )
 
     def _transforms(self) -> tuple[ProcessSeeded, A.Compose]:
         hp = self.hparams
@@ -612,6 +609,7 @@ class DetectionDataModule(_DenseDataModule):
 
     kind = "detection"
     collate = staticmethod(detection_collate)
+    synthetic_dataset = SyntheticShapes
 
     def __init__(
         self,
@@ -633,13 +631,6 @@ class DetectionDataModule(_DenseDataModule):
         self._take_datasets(train, val, test, num_classes, image_size, seed)
         if self.class_names is None:
             self.class_names = [str(label) for label in range(self.num_classes)]
-
-    @staticmethod
-    def _synthetic_default(image_size: int, seed: int) -> tuple[Dataset, Dataset]:
-        return (
-            SyntheticShapes(SYNTHETIC_TRAIN_SAMPLES, image_size, seed),
-            SyntheticShapes(SYNTHETIC_VAL_SAMPLES, image_size, seed + SYNTHETIC_VAL_SEED_OFFSET),
-        )
 
     def _transforms(self) -> tuple[ProcessSeeded, A.Compose]:
         hp = self.hparams
