@@ -1,4 +1,4 @@
-"""Metrics shared by the evaluation modules and the SSL module's online monitor."""
+"""kNN classification metrics, shared by the evaluation modules and the SSL module's online monitor."""
 
 from __future__ import annotations
 
