@@ -45,6 +45,7 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "CocoDetectionDataset",
+    "DenseDataModule",
     "DetectionDataModule",
     "SegmentationDataModule",
     "SegmentationFolder",
@@ -403,11 +404,16 @@ def _names(dataset: Dataset) -> tuple[str, ...]:
     return tuple(str(name) for name in (getattr(dataset, "class_names", None) or ()))
 
 
-class _DenseDataModule(pl.LightningDataModule):
-    """Datasets, checks and loaders shared by the dense DataModules; subclasses set ``kind``, ``collate`` and
-    ``_transforms`` and pass their datasets to ``_take_datasets`` in ``__init__``."""
+class DenseDataModule(pl.LightningDataModule):
+    """Datasets, checks and loaders shared by the dense DataModules (public: other dense tasks subclass it).
 
-    kind: Literal["segmentation", "detection"]
+    A subclass sets ``kind`` (a word for messages), ``collate`` and ``synthetic_dataset``, implements
+    ``_transforms`` (train, eval), calls ``save_hyperparameters(ignore=_NOT_HYPERPARAMETERS)`` (the loaders read
+    ``batch_size``, ``val_batch_size`` and ``num_workers`` from it) and passes its datasets to ``_take_datasets`` in
+    ``__init__``. A task whose samples are neither masks nor boxes overrides ``transformed_dataset``, which applies
+    a transform to one split and checks its samples."""
+
+    kind: str
     collate: Callable[[Sequence[dict]], dict]
     synthetic_dataset: type[Dataset]  # the embedded default data when no datasets are given
 
@@ -503,12 +509,16 @@ class _DenseDataModule(pl.LightningDataModule):
             key = (id(dataset), id(transform))
             if key not in wrapped:  # test = val: one wrapper, its dataset read and checked once
                 name = f"{split} dataset {type(dataset).__name__}"
-                wrapped[key] = _Transformed(dataset, transform, self.kind, self.num_classes, name)
+                wrapped[key] = self.transformed_dataset(dataset, transform, name)
             return wrapped[key]
 
         self.train_set = wrap("train", train_tf)
         self.val_set = wrap("val", eval_tf)
         self.test_set = wrap("test", eval_tf)
+
+    def transformed_dataset(self, dataset: Dataset, transform: ProcessSeeded | A.Compose, name: str) -> Dataset:
+        """One split with its transform applied and its samples checked (``name`` for the error messages)."""
+        return _Transformed(dataset, transform, self.kind, self.num_classes, name)
 
     def _check_model_classes(self) -> None:
         """The model's head must have the data's classes: nothing links the two in a config, and a mismatch would
@@ -547,7 +557,7 @@ class _DenseDataModule(pl.LightningDataModule):
         )
 
 
-class SegmentationDataModule(_DenseDataModule):
+class SegmentationDataModule(DenseDataModule):
     """Semantic segmentation data from any datasets of masks (``train``, ``val``, optional ``test``; YAML:
     ``class_path``), e.g. ``SegmentationFolder`` (ADE20K layout), ``FashionMNISTScenes(task="segmentation")``
     (``dinov3_pl.data.scenes``) or a user's own ``Dataset`` of ``{"image", "mask"}`` dicts. None of them: the
@@ -590,7 +600,7 @@ class SegmentationDataModule(_DenseDataModule):
         return segmentation_transforms(hp.image_size, hp.scale_range, hp.flip_prob, hp.eval_size)
 
 
-class DetectionDataModule(_DenseDataModule):
+class DetectionDataModule(DenseDataModule):
     """Object detection data from any datasets of boxes (``train``, ``val``, optional ``test``; YAML:
     ``class_path``), e.g. ``CocoDetectionDataset`` (COCO JSON + images), ``FashionMNISTScenes(task="detection")``
     (``dinov3_pl.data.scenes``) or a user's own ``Dataset`` of ``{"image", "boxes", "box_labels"}`` dicts. None of
