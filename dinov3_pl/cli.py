@@ -17,6 +17,10 @@ run's log folder, as Lightning does.
 
 ``dinov3-pl export WEIGHTS --format {ckpt,timm,hf} --out PATH`` writes one backbone as a slim checkpoint, a timm
 state dict or a Hugging Face folder (``dinov3_pl.export``, docs/export.md).
+
+``dinov3-pl evaluate --suite configs/suite/embedded.yaml --weights W --output DIR`` runs one backbone on every task of
+a suite (each task one run of this CLI, resumable) and writes one table; ``dinov3-pl evaluate --compare DIR DIR`` puts
+finished result folders side by side (``dinov3_pl.suite``, docs/evaluation.md).
 """
 
 from __future__ import annotations
@@ -40,7 +44,15 @@ from dinov3_pl.checkpointing import (
     newest_readable_checkpoint,
 )
 
-__all__ = ["DINOv3ArgumentParser", "DINOv3CLI", "SaveConfig", "explain_parse_error", "main", "trainer_defaults"]
+__all__ = [
+    "CommandLineError",
+    "DINOv3ArgumentParser",
+    "DINOv3CLI",
+    "SaveConfig",
+    "explain_parse_error",
+    "main",
+    "trainer_defaults",
+]
 
 DEBUG_HINT = "JSONARGPARSE_DEBUG=1 shows the full report"
 
@@ -56,11 +68,22 @@ def _debugging() -> bool:
     return debug_mode_active()
 
 
+class CommandLineError(SystemExit):
+    """A command line that cannot run, with the one line that says what to change (``message``). ``main`` writes
+    it to stderr; ``dinov3-pl evaluate`` runs the CLI itself and names the task in front of it."""
+
+    def __init__(self, tip: str, message: str, status: int) -> None:
+        super().__init__(status)
+        self.tip = tip
+        self.message = " ".join(str(message).split())
+
+    def write(self) -> None:
+        """The CLI's error output: the tip, then the line (last, where the eye lands)."""
+        sys.stderr.write(f"{self.tip}\nerror: {self.message}\n")
+
+
 def _fail(tip: str, message: str, status: int) -> typing.NoReturn:
-    """The CLI's error output: a tip, then the one line that says what to change (last, where the eye lands)."""
-    one_line = " ".join(str(message).split())
-    sys.stderr.write(f"{tip}\nerror: {one_line}\n")
-    raise SystemExit(status)
+    raise CommandLineError(tip, message, status)
 
 
 # ----------------------------------------------------------------------------------------------- parse errors
@@ -331,20 +354,30 @@ def _root_cause(error: BaseException) -> BaseException:
 
 def main(args: list[str] | None = None) -> DINOv3CLI:
     """Runs the CLI in-process (``args`` as on the command line) and returns it, for tests and notebooks."""
-    return DINOv3CLI(args=args)
+    try:
+        return DINOv3CLI(args=args)
+    except CommandLineError as error:
+        error.write()
+        raise
 
 
 def console_main(args: list[str] | None = None) -> None:
     """The ``dinov3-pl`` console script: exit status 0 on success (a returned object would become status 1).
 
-    ``dinov3-pl export ...`` is dispatched before LightningCLI parses anything (``dinov3_pl.export``: it builds no
-    model or trainer); every other command line goes to LightningCLI untouched.
+    ``dinov3-pl export ...`` and ``dinov3-pl evaluate ...`` are dispatched before LightningCLI parses anything
+    (``dinov3_pl.export`` builds no model or trainer; ``dinov3_pl.suite`` runs this CLI once per task); every other
+    command line goes to LightningCLI untouched.
     """
     argv = sys.argv[1:] if args is None else list(args)
     if argv[:1] == ["export"]:
         from dinov3_pl.export import main as export_main
 
         export_main(argv[1:])
+        return
+    if argv[:1] == ["evaluate"]:
+        from dinov3_pl.suite import main as evaluate_main
+
+        evaluate_main(argv[1:])
         return
     main(args)
 
