@@ -12,16 +12,12 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from dinov3_pl.data.datasets import SyntheticShapes
-from dinov3_pl.data.dense import (
-    IGNORE_INDEX,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    CocoDetectionDataset,
-    DetectionDataModule,
+from dinov3_pl.data.dense import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
+from dinov3_pl.data.detection import CocoDetectionDataset, DetectionDataModule, detection_collate
+from dinov3_pl.data.segmentation import (
     SegmentationDataModule,
     SegmentationFolder,
     SyntheticShapeMasks,
-    detection_collate,
     segmentation_collate,
 )
 
@@ -212,14 +208,18 @@ def _write_coco(tmp_path, annotations, images=None, image_size=(20, 40)):
 def test_coco_reader_converts_boxes_and_categories(tmp_path):
     annotations = [
         {"id": 1, "image_id": 5, "category_id": 7, "bbox": [2, 3, 10, 5], "iscrowd": 0},
-        {"id": 2, "image_id": 5, "category_id": 3, "bbox": [30, 0, 20, 4]},  # runs past the right border
-        {"id": 3, "image_id": 5, "category_id": 3, "bbox": [0, 0, 5, 5], "iscrowd": 1},  # crowd: dropped
+        {"id": 2, "image_id": 5, "category_id": 3, "bbox": [30, 0, 20, 4], "area": 33.5},  # past the right border
+        {"id": 3, "image_id": 5, "category_id": 3, "bbox": [0, 0, 5, 5], "iscrowd": 1},  # crowd: an ignore region
     ]
     dataset = CocoDetectionDataset(tmp_path / "imgs", _write_coco(tmp_path, annotations))
     sample = dataset[0]
     assert dataset.class_names == ["three", "seven"] and dataset.num_classes == 2
-    np.testing.assert_allclose(sample["boxes"], [[2, 3, 12, 8], [30, 0, 40, 4]])
+    # As annotated (the evaluation compares with the JSON); the training transform clips.
+    np.testing.assert_allclose(sample["boxes"], [[2, 3, 12, 8], [30, 0, 50, 4]])
     np.testing.assert_array_equal(sample["box_labels"], [1, 0])  # sorted ids: 3 -> 0, 7 -> 1
+    np.testing.assert_allclose(sample["box_areas"], [50, 33.5])  # COCO's area where given, else the box's
+    np.testing.assert_allclose(sample["crowd_boxes"], [[0, 0, 5, 5]])
+    np.testing.assert_array_equal(sample["crowd_labels"], [0])
 
 
 def test_coco_reader_errors(tmp_path):
@@ -235,7 +235,11 @@ def test_coco_reader_errors(tmp_path):
 
 
 def test_detection_datamodule_coco_batches(tmp_path):
-    annotations = [{"id": 1, "image_id": 5, "category_id": 7, "bbox": [2, 3, 10, 5]}]
+    annotations = [
+        {"id": 1, "image_id": 5, "category_id": 7, "bbox": [2, 3, 10, 5]},
+        {"id": 2, "image_id": 5, "category_id": 3, "bbox": [30, 0, 20, 4]},  # past the right border
+        {"id": 3, "image_id": 5, "category_id": 3, "bbox": [0, 10, 6, 6], "iscrowd": 1, "area": 20},
+    ]
     path = _write_coco(tmp_path, annotations)
     coco = CocoDetectionDataset(tmp_path / "imgs", path)
     dm = DetectionDataModule(train=coco, val=coco, image_size=80, batch_size=2)
@@ -243,13 +247,17 @@ def test_detection_datamodule_coco_batches(tmp_path):
     dm.setup("fit")
     val = next(iter(dm.val_dataloader()))
     assert val["images"].shape == (1, 3, 80, 80) and isinstance(val["targets"], list)
-    # Longest side 40 -> 80 (x2), padded at the bottom/right: the box scales by 2.
-    torch.testing.assert_close(val["targets"][0]["boxes"], torch.tensor([[4.0, 6.0, 24.0, 16.0]]))
-    assert val["targets"][0]["labels"].tolist() == [1]
-    for _ in range(5):
+    # The image: longest side 40 -> 80 (x2), padded at the bottom/right; the targets stay in the original pixels, the
+    # crowd region flagged, with the resize factors and the original size beside them.
+    target = val["targets"][0]
+    torch.testing.assert_close(target["boxes"], torch.tensor([[2.0, 3, 12, 8], [30, 0, 50, 4], [0, 10, 6, 16]]))
+    assert target["labels"].tolist() == [1, 0, 0] and target["iscrowd"].tolist() == [0, 0, 1]
+    torch.testing.assert_close(target["area"], torch.tensor([50.0, 80, 20]))
+    assert val["scales"].tolist() == [[2.0, 2.0]] and val["original_sizes"].tolist() == [[20, 40]]
+    for _ in range(5):  # training: no crowd region, boxes clipped to the crop
         target = dm.train_set[0]["target"]
         boxes = target["boxes"]
-        assert len(boxes) == len(target["labels"]) and ((boxes >= 0) & (boxes <= 80)).all()
+        assert len(boxes) == len(target["labels"]) <= 2 and ((boxes >= 0) & (boxes <= 80)).all()
 
 
 def test_detection_datamodule_refuses_splits_with_other_categories(tmp_path):

@@ -3,16 +3,23 @@ unchanged, overlays, configs through LightningCLI."""
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
 import math
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
+from PIL import Image
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
 from torch.nn import functional as F
 
 from dinov3_pl.data.datasets import SyntheticShapes
-from dinov3_pl.data.dense import DetectionDataModule
+from dinov3_pl.data.detection import CocoDetectionDataset, DetectionDataModule
 from dinov3_pl.data.scenes import FashionMNISTScenes
 from dinov3_pl.models.dense_heads import SimpleFeaturePyramid
 from dinov3_pl.modules.detection import Detection, detection_overlay
@@ -88,6 +95,81 @@ def test_map_by_box_size_logged_for_the_sizes_present(monkeypatch):
     assert logged["val/mAP_small"] == pytest.approx(1.0) and logged["val/mAP_medium"] == pytest.approx(0.4)
     # Overall: both hit at 4 thresholds (AP 1), only the higher-scored small one at 6 (AP 51/101, see above).
     assert "val/mAP_large" not in logged and logged["val/mAP"] == pytest.approx((4 + 6 * 51 / 101) / 10)
+
+
+# Hand-made COCO ground truth on two images of different sizes (one taller than wide), with a crowd region, areas
+# given as COCO gives them (mask areas, not box areas) spanning COCO's small and medium sizes, and detections in
+# original image coordinates: hits, misses, a duplicate, a detection on the crowd region and one of the wrong class.
+_COCO_IMAGES = [
+    {"id": 11, "file_name": "wide.png", "width": 120, "height": 80},
+    {"id": 4, "file_name": "tall.png", "width": 50, "height": 100},
+]
+_COCO_ANNOTATIONS = [
+    {"id": 1, "image_id": 11, "category_id": 3, "bbox": [5, 5, 20, 10], "area": 150.0, "iscrowd": 0},
+    {"id": 2, "image_id": 11, "category_id": 7, "bbox": [60, 20, 45, 40], "area": 1500.0, "iscrowd": 0},
+    {"id": 3, "image_id": 11, "category_id": 3, "bbox": [0, 40, 50, 38], "area": 1200.0, "iscrowd": 1},
+    {"id": 4, "image_id": 4, "category_id": 3, "bbox": [2, 2, 10, 40], "area": 380.0, "iscrowd": 0},
+    {"id": 5, "image_id": 4, "category_id": 7, "bbox": [10, 50, 36, 40], "area": 1300.0, "iscrowd": 0},
+]
+_COCO_DETECTIONS = [  # [x, y, w, h] in original pixels
+    {"image_id": 11, "category_id": 3, "bbox": [6, 5, 19, 11], "score": 0.9},
+    {"image_id": 11, "category_id": 3, "bbox": [4, 44, 40, 30], "score": 0.85},  # inside the crowd region
+    {"image_id": 11, "category_id": 7, "bbox": [62, 24, 40, 38], "score": 0.7},
+    {"image_id": 11, "category_id": 7, "bbox": [62, 22, 42, 36], "score": 0.65},  # duplicate
+    {"image_id": 11, "category_id": 7, "bbox": [0, 0, 10, 10], "score": 0.95},  # nothing there
+    {"image_id": 4, "category_id": 3, "bbox": [2, 6, 11, 34], "score": 0.6},
+    {"image_id": 4, "category_id": 7, "bbox": [12, 48, 30, 44], "score": 0.3},
+    {"image_id": 4, "category_id": 3, "bbox": [12, 48, 30, 44], "score": 0.5},  # wrong class
+]
+
+
+def test_map_in_original_coordinates_with_crowd_regions_equals_pycocotools(tmp_path):
+    """Images resized for the model (and padded), predictions mapped back to the original pixels, crowd regions
+    ignored, COCO's areas: our logged numbers equal pycocotools' COCOeval run directly on the same JSON."""
+    coco = {"images": _COCO_IMAGES, "annotations": _COCO_ANNOTATIONS, "categories": [{"id": 7}, {"id": 3}]}
+    (tmp_path / "gt.json").write_text(json.dumps(coco))
+    for image in _COCO_IMAGES:
+        pixels = np.full((image["height"], image["width"], 3), 100, np.uint8)
+        Image.fromarray(pixels).save(tmp_path / image["file_name"])
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its tables
+        ground_truth = COCO(str(tmp_path / "gt.json"))
+        evaluation = COCOeval(ground_truth, ground_truth.loadRes(_COCO_DETECTIONS), "bbox")
+        evaluation.evaluate(), evaluation.accumulate(), evaluation.summarize()
+    expected = dict(zip(["mAP", "mAP50", "mAP75", "mAP_small", "mAP_medium"], evaluation.stats[:5], strict=True))
+    expected["mAR100"] = evaluation.stats[8]
+
+    dataset = CocoDetectionDataset(tmp_path, tmp_path / "gt.json")
+    data = DetectionDataModule(train=dataset, val=dataset, image_size=64, val_batch_size=2)
+    data.setup("validate")
+    batch = next(iter(data.val_dataloader()))
+    assert batch["images"].shape == (2, 3, 64, 64)
+    module = Detection(num_classes=2, backbone_kwargs=TINY, **SMALL_HEADS).eval()
+    label_of = {cid: label for label, cid in enumerate(dataset.category_ids)}
+
+    def detector_output(images):  # what the detector sees: the resized image, so boxes in its pixels
+        outputs = []
+        for image_id, scale in zip(dataset.image_ids, batch["scales"], strict=True):
+            mine = [d for d in _COCO_DETECTIONS if d["image_id"] == image_id]
+            boxes = torch.tensor(
+                [[x, y, x + w, y + h] for x, y, w, h in (d["bbox"] for d in mine)], dtype=torch.float64
+            )
+            boxes = boxes * scale[[1, 0, 1, 0]]
+            outputs.append(
+                {
+                    "boxes": boxes.float(),
+                    "scores": torch.tensor([d["score"] for d in mine]),
+                    "labels": torch.tensor([label_of[d["category_id"]] for d in mine]),
+                }
+            )
+        return outputs
+
+    module.forward = detector_output
+    module.validation_step(batch, 1)
+    logged = {}
+    module.log = lambda name, value, **kwargs: logged.__setitem__(name.removeprefix("val/"), float(value))
+    module._log_epoch_metrics("val")
+    assert {name: logged[name] for name in expected} == pytest.approx(expected, abs=1e-6)
+    assert "mAP_large" not in logged and evaluation.stats[5] == -1
 
 
 @pytest.mark.parametrize("patch_size", [16, 8])

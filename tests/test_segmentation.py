@@ -16,8 +16,8 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import Dataset
 
-from dinov3_pl.data.dense import SegmentationDataModule, SegmentationFolder, SyntheticShapeMasks
 from dinov3_pl.data.scenes import FashionMNISTScenes
+from dinov3_pl.data.segmentation import SegmentationDataModule, SegmentationFolder, SyntheticShapeMasks
 from dinov3_pl.models.dense_heads import LinearSegmentationHead, sliding_window_logits
 from dinov3_pl.modules.frozen import lr_factor
 from dinov3_pl.modules.segmentation import Segmentation, colour_palette, segmentation_overlay
@@ -202,7 +202,7 @@ def test_datasets_by_class_path_through_the_cli(tmp_path):
         "trainer": {"accelerator": "cpu", "enable_progress_bar": False, "default_root_dir": str(tmp_path / "run")},
         "model": {"class_path": "dinov3_pl.modules.segmentation.Segmentation", "init_args": {"num_classes": 3}},
         "data": {
-            "class_path": "dinov3_pl.data.dense.SegmentationDataModule",
+            "class_path": "dinov3_pl.data.segmentation.SegmentationDataModule",
             "init_args": {
                 "train": {"class_path": "tests.test_segmentation.GreyBands", "init_args": {"count": 4}},
                 "val": {

@@ -29,7 +29,8 @@ from torch.utils.data import Dataset
 
 from dinov3_pl.data.datasets import ImageFolder, _image_extensions
 from dinov3_pl.data.decode import DEFAULT_MAX_IMAGE_PIXELS, read_rgb
-from dinov3_pl.data.dense import CocoDetectionDataset, SegmentationFolder
+from dinov3_pl.data.detection import CocoDetectionDataset
+from dinov3_pl.data.segmentation import SegmentationFolder
 
 __all__ = [
     "ADE20K",
@@ -479,7 +480,8 @@ class PascalVOC(Dataset):
 class COCODetection(CocoDetectionDataset):
     """COCO object detection (``instances_*.json``) as distributed: ``root/annotations/instances_{split}{year}.json``
     and images in ``root/{split}{year}/``. Categories map to contiguous labels 0..79 in category-id order (see
-    :class:`~dinov3_pl.data.dense.CocoDetectionDataset`); crowd boxes are dropped.
+    :class:`~dinov3_pl.data.detection.CocoDetectionDataset`); crowd regions come as ``crowd_boxes``, which
+    the evaluation ignores and training leaves out.
     """
 
     def __init__(self, root: str | Path, split: Literal["train", "val"] = "train", year: int = 2017) -> None:

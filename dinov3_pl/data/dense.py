@@ -1,30 +1,22 @@
-"""Data for the dense frozen-backbone evaluations: semantic segmentation and object detection.
+"""Shared parts of the dense evaluations' data (segmentation, detection, and tasks built on them such as depth).
 
-Segmentation label maps follow ADE20K/mmseg: ``uint8`` PNGs, class id per pixel, **0 = background (or the first
-class), 255 = ignore**. With ``reduce_zero_label=True`` (ADE20K, where 0 means "unlabelled") 0 becomes 255 and every
-other id is shifted down by one. Detection reads COCO-format JSON (boxes ``[x, y, w, h]``) and hands out ``xyxy``
-boxes with contiguous labels ``0..C-1`` (sorted COCO category ids); the detection module adds torchvision's
-background class itself.
+:class:`DenseDataModule` takes the splits as dataset objects (``train``, ``val``, ``test``; in YAML by
+``class_path``), resolves ``num_classes`` and the class names, checks that the splits agree and builds the loaders
+(evaluation sharded over DDP ranks without duplicates). The task files subclass it: ``dinov3_pl.data.segmentation``
+(``SegmentationDataModule``, ``SegmentationFolder``, ``SyntheticShapeMasks``) and ``dinov3_pl.data.detection``
+(``DetectionDataModule``, ``CocoDetectionDataset``). Their names are still importable from here, as before the
+split.
 
-Batches: segmentation ``{"images": float [B,3,H,W] (ImageNet-normalised), "masks": long [B,H,W]}``; detection
-``{"images": float [B,3,S,S] (ImageNet-normalised), "targets": [{"boxes": float [K,4] xyxy, "labels": long [K]}]}``.
-
-The DataModules take their datasets as objects (``train``, ``val``, ``test``; in YAML by ``class_path``): any
-``torch.utils.data.Dataset`` whose samples are dicts with ``"image"`` (uint8 [H,W,3] or a PIL image) and
-``"mask"`` (segmentation) or ``"boxes"`` + ``"box_labels"`` (detection), and which states ``num_classes`` (or the
-DataModule is given it). Without datasets they use the embedded shapes (:class:`SyntheticShapeMasks` /
-:class:`~dinov3_pl.data.datasets.SyntheticShapes`).
+Label conventions: segmentation masks hold a class id per pixel, **255 = ignore** (``IGNORE_INDEX``); detection
+boxes are ``xyxy`` pixels with labels ``0..C-1``.
 """
 
 from __future__ import annotations
 
-import json
+import importlib
 from collections.abc import Callable, Sequence
-from pathlib import Path
-from typing import Literal
+from typing import Any
 
-import albumentations as A
-import cv2
 import lightning.pytorch as pl
 import numpy as np
 import torch
@@ -32,274 +24,60 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from dinov3_pl.data.datasets import SHAPE_CLASS_NAMES, SyntheticShapes, prepare_datasets
-
-# Images are decoded as viewers show them (EXIF orientation applied, as OpenCV's and mmcv's readers do); label maps
-# are read as stored.
-from dinov3_pl.data.decode import image_to_rgb, read_rgb
+from dinov3_pl.data.datasets import prepare_datasets
+from dinov3_pl.data.decode import image_to_rgb
 from dinov3_pl.data.samplers import ShardedEvalSampler
-from dinov3_pl.data.transforms import IMAGENET_MEAN, IMAGENET_STD, ProcessSeeded
+from dinov3_pl.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
-__all__ = [
-    "IGNORE_INDEX",
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
-    "CocoDetectionDataset",
-    "DenseDataModule",
-    "DetectionDataModule",
-    "SegmentationDataModule",
-    "SegmentationFolder",
-    "SyntheticShapeMasks",
-    "detection_collate",
-    "segmentation_collate",
-]
+__all__ = ["IGNORE_INDEX", "IMAGENET_MEAN", "IMAGENET_STD", "DenseDataModule", "rgb_image", "to_chw"]
 
 IGNORE_INDEX = 255
-_IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+
+# Names that lived here before the task files were split off; `from dinov3_pl.data.dense import X` and configs'
+# `class_path: dinov3_pl.data.dense.X` (saved runs have them) keep working.
+_MOVED = {
+    "SegmentationDataModule": "segmentation",
+    "SegmentationFolder": "segmentation",
+    "SyntheticShapeMasks": "segmentation",
+    "segmentation_collate": "segmentation",
+    "DetectionDataModule": "detection",
+    "CocoDetectionDataset": "detection",
+    "detection_collate": "detection",
+}
 
 
-def _positive_count(value: object, what: str) -> int:
+def __getattr__(name: str) -> Any:
+    if name in _MOVED:
+        return getattr(importlib.import_module(f"dinov3_pl.data.{_MOVED[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def positive_count(value: object, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
         raise ValueError(f"{what} must be a positive number of classes, got {value!r}")
     return int(value)
 
 
-# ------------------------------------------------------------------------------------------------ datasets
-class SegmentationFolder(Dataset):
-    """ADE20K-style folder: ``root/images/<split>/*.jpg|png`` with ``root/annotations/<split>/<same stem>.png``.
-
-    Samples are ``{"image": uint8 [H,W,3], "mask": uint8 [H,W], "path": str}`` in the label convention of the
-    module docstring (after ``reduce_zero_label`` when set). ``num_classes`` (classes of the mask ids, background
-    included where it is a class) is what ``SegmentationDataModule`` reads when it is not given one; a folder cannot
-    tell it from its files without reading every label map.
-    """
-
-    def __init__(
-        self,
-        root: str | Path,
-        split: str = "training",
-        reduce_zero_label: bool = False,
-        num_classes: int | None = None,
-    ) -> None:
-        self.num_classes = None if num_classes is None else _positive_count(num_classes, "num_classes")
-        self.root = Path(root)
-        image_dir, label_dir = self.root / "images" / split, self.root / "annotations" / split
-        for folder in (image_dir, label_dir):
-            if not folder.is_dir():
-                raise FileNotFoundError(
-                    f"segmentation folder {folder} does not exist (expected ADE20K layout "
-                    f"root/images/{split}/ and root/annotations/{split}/)"
-                )
-        self.images = sorted(p for p in image_dir.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES)
-        if not self.images:
-            raise ValueError(f"split {split!r} is empty: no images in {image_dir}")
-        self.labels = [label_dir / f"{p.stem}.png" for p in self.images]
-        missing = [str(p) for p in self.labels if not p.is_file()]
-        if missing:
-            raise FileNotFoundError(f"{len(missing)} label maps missing in {label_dir}, e.g. {missing[:3]}")
-        self.reduce_zero_label = reduce_zero_label
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index: int) -> dict:
-        image = read_rgb(self.images[index])
-        with Image.open(self.labels[index]) as label:
-            if label.mode not in ("L", "P", "I;16", "I"):
-                raise ValueError(
-                    f"label map {self.labels[index]} has mode {label.mode}; expected a single-channel PNG of class ids"
-                )
-            mask = np.asarray(label).astype(np.int64)
-        if mask.shape != image.shape[:2]:
-            raise ValueError(
-                f"label map {self.labels[index]} is {mask.shape[1]}x{mask.shape[0]} but its image "
-                f"{self.images[index]} is {image.shape[1]}x{image.shape[0]}"
-            )
-        if self.reduce_zero_label:
-            # ADE20K: 0 means "unlabelled" -> ignore; class c -> c - 1; 255 stays ignore.
-            ignore = (mask == 0) | (mask == IGNORE_INDEX)
-            mask = mask - 1
-            mask[ignore] = IGNORE_INDEX
-        return {
-            "image": image,
-            "mask": mask.astype(np.uint8) if mask.max(initial=0) <= 255 else mask,
-            "path": str(self.images[index]),
-        }
+def rgb_image(sample: dict, where: str) -> np.ndarray:
+    """The sample's ``"image"`` as uint8 [H, W, 3]: PIL images converted as files are decoded (16 bit scaled, alpha
+    over white); anything else one error naming the sample."""
+    image = sample.get("image")
+    if isinstance(image, Image.Image):
+        image = image_to_rgb(image)
+    image = None if image is None else np.asarray(image)
+    if image is None or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        got = "no 'image'" if image is None else f"{image.dtype} {list(image.shape)}"
+        raise ValueError(f"{where}: 'image' must be uint8 [H, W, 3] RGB or a PIL image, got {got}")
+    return image
 
 
-class CocoDetectionDataset(Dataset):
-    """COCO-format detection: ``annotation_file`` JSON + ``image_root/<file_name>`` images.
-
-    Samples are ``{"image": uint8 [H,W,3], "boxes": float32 [K,4] xyxy, "box_labels": int64 [K], "path": str}``;
-    labels are the index of the category id in the sorted list of ``categories`` ids. Crowd annotations and boxes
-    without area are dropped; images without annotations are kept (no boxes).
-    """
-
-    def __init__(self, image_root: str | Path, annotation_file: str | Path) -> None:
-        self.image_root = Path(image_root)
-        annotation_file = Path(annotation_file)
-        if not annotation_file.is_file():
-            raise FileNotFoundError(f"COCO annotation file {annotation_file} does not exist")
-        data = json.loads(annotation_file.read_text())
-        for key in ("images", "annotations", "categories"):
-            if key not in data:
-                raise ValueError(f"{annotation_file} is not COCO format: no {key!r} list")
-        if not data["images"]:
-            raise ValueError(f"{annotation_file} lists no images (empty split)")
-        categories = sorted(data["categories"], key=lambda c: c["id"])
-        self.category_ids = [c["id"] for c in categories]
-        self.class_names = [c.get("name", str(c["id"])) for c in categories]
-        label_of = {cid: index for index, cid in enumerate(self.category_ids)}
-        self.records = {img["id"]: {"file_name": img["file_name"], "boxes": [], "labels": []} for img in data["images"]}
-        unknown_images, unknown_categories = set(), set()
-        for ann in data["annotations"]:
-            if ann["image_id"] not in self.records:
-                unknown_images.add(ann["image_id"])
-                continue
-            if ann["category_id"] not in label_of:
-                unknown_categories.add(ann["category_id"])
-                continue
-            x, y, w, h = (float(v) for v in ann["bbox"])
-            if ann.get("iscrowd", 0) or w <= 0 or h <= 0:
-                continue
-            self.records[ann["image_id"]]["boxes"].append([x, y, x + w, y + h])
-            self.records[ann["image_id"]]["labels"].append(label_of[ann["category_id"]])
-        if unknown_images:
-            raise ValueError(f"{annotation_file}: annotations point at unknown image ids {sorted(unknown_images)[:10]}")
-        if unknown_categories:
-            raise ValueError(f"{annotation_file}: annotations use unknown category ids {sorted(unknown_categories)}")
-        self.image_ids = sorted(self.records)
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.category_ids)
-
-    def __len__(self) -> int:
-        return len(self.image_ids)
-
-    def __getitem__(self, index: int) -> dict:
-        record = self.records[self.image_ids[index]]
-        path = self.image_root / record["file_name"]
-        if not path.is_file():
-            raise FileNotFoundError(f"image {path} listed in the COCO annotations does not exist")
-        image = read_rgb(path)
-        height, width = image.shape[:2]
-        boxes = np.asarray(record["boxes"], dtype=np.float32).reshape(-1, 4)
-        boxes[:, 0::2] = boxes[:, 0::2].clip(0, width)
-        boxes[:, 1::2] = boxes[:, 1::2].clip(0, height)
-        keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-        return {
-            "image": image,
-            "boxes": boxes[keep],
-            "box_labels": np.asarray(record["labels"], np.int64)[keep],
-            "path": str(path),
-        }
-
-
-class SyntheticShapeMasks(Dataset):
-    """The embedded :class:`~dinov3_pl.data.datasets.SyntheticShapes` as segmentation data: the same samples, with
-    ``num_classes`` and ``class_names`` counting the background (mask id 0), as segmentation counts classes.
-
-    ``SyntheticShapes`` itself states its 8 shape classes (right for classification and detection); its masks hold
-    ids 0..8, so a segmentation head needs 9.
-    """
-
-    class_names: tuple[str, ...] = ("background", *SHAPE_CLASS_NAMES)
-    num_classes: int = len(class_names)
-
-    def __init__(self, num_samples: int = 2048, image_size: int = 64, seed: int = 0, grayscale: bool = True) -> None:
-        # Wrapped, not subclassed: SyntheticShapes draws its shapes from its own num_classes.
-        self.shapes = SyntheticShapes(num_samples=num_samples, image_size=image_size, seed=seed, grayscale=grayscale)
-
-    def __len__(self) -> int:
-        return len(self.shapes)
-
-    def __getitem__(self, index: int) -> dict:
-        return self.shapes[index]
-
-
-class _Transformed(Dataset):
-    """Applies an albumentations pipeline to the samples of a split and checks them against the sample contract:
-    PIL images become uint8 arrays here (the one place), labels must lie in ``0..num_classes-1``, and ``None``
-    (an unreadable sample) passes through for the collate to drop."""
-
-    def __init__(
-        self,
-        dataset: Dataset,
-        transform: ProcessSeeded | A.Compose,
-        kind: Literal["segmentation", "detection"],
-        num_classes: int,
-        name: str,
-    ) -> None:
-        if len(dataset) == 0:
-            raise ValueError(f"the {name} is empty")
-        self.dataset, self.transform, self.kind, self.num_classes, self.name = (
-            dataset,
-            transform,
-            kind,
-            num_classes,
-            name,
-        )
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def _image(self, sample: dict, where: str) -> np.ndarray:
-        image = sample.get("image")
-        if isinstance(image, Image.Image):
-            image = image_to_rgb(image)  # as files are decoded: 16 bit scaled, alpha over white
-        image = None if image is None else np.asarray(image)
-        if image is None or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-            got = "no 'image'" if image is None else f"{image.dtype} {list(image.shape)}"
-            raise ValueError(f"{where}: 'image' must be uint8 [H, W, 3] RGB or a PIL image, got {got}")
-        return image
-
-    def __getitem__(self, index: int) -> dict | None:
-        sample = self.dataset[index]
-        if sample is None:
-            return None
-        where = sample.get("path") or f"{self.name} sample {index}"
-        image = self._image(sample, where)
-        if self.kind == "segmentation":
-            if "mask" not in sample:
-                raise ValueError(
-                    f"{where}: a segmentation sample needs 'mask' (class ids [H, W]); got {sorted(sample)}"
-                )
-            mask = np.asarray(sample["mask"])
-            if mask.shape != image.shape[:2]:
-                raise ValueError(f"{where}: mask {mask.shape} and image {image.shape[:2]} differ in size")
-            bad = np.unique(mask[(mask != IGNORE_INDEX) & ((mask >= self.num_classes) | (mask < 0))])
-            if bad.size:
-                raise ValueError(
-                    f"{where}: label ids {bad.tolist()} outside 0..{self.num_classes - 1} for "
-                    f"num_classes={self.num_classes} (only {IGNORE_INDEX} = ignore may exceed it)"
-                )
-            out = self.transform(image=image, mask=mask.astype(np.uint8))
-            return {"image": _to_chw(out["image"]), "mask": torch.as_tensor(out["mask"], dtype=torch.long)}
-        if "boxes" not in sample or "box_labels" not in sample:
-            raise ValueError(
-                f"{where}: a detection sample needs 'boxes' (float [K, 4] xyxy pixels) and 'box_labels' (int [K]); "
-                f"got {sorted(sample)}"
-            )
-        labels = np.asarray(sample["box_labels"], np.int64).reshape(-1)
-        if labels.size and (labels.min() < 0 or labels.max() >= self.num_classes):
-            raise ValueError(
-                f"{where}: box labels {np.unique(labels).tolist()} outside 0..{self.num_classes - 1} "
-                f"for num_classes={self.num_classes}"
-            )
-        out = self.transform(image=image, bboxes=np.asarray(sample["boxes"], np.float32).reshape(-1, 4), labels=labels)
-        boxes = torch.as_tensor(np.asarray(out["bboxes"], np.float32).reshape(-1, 4))
-        return {
-            "image": _to_chw(out["image"]),
-            "target": {"boxes": boxes, "labels": torch.as_tensor(np.asarray(out["labels"]), dtype=torch.long)},
-        }
-
-
-def _to_chw(image: np.ndarray) -> Tensor:
+def to_chw(image: np.ndarray) -> Tensor:
+    """[H, W, 3] array -> float [3, H, W] tensor."""
     return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float()
 
 
-def _readable(samples: Sequence[dict | None]) -> list[dict]:
+def readable(samples: Sequence[dict | None]) -> list[dict]:
+    """The samples a dataset could read (``None`` marks an unreadable one)."""
     kept = [sample for sample in samples if sample is not None]
     if not kept:
         # The dense modules have no empty-batch step; a whole batch of unreadable files is worth stopping for.
@@ -307,86 +85,24 @@ def _readable(samples: Sequence[dict | None]) -> list[dict]:
     return kept
 
 
-def segmentation_collate(samples: Sequence[dict | None]) -> dict[str, Tensor]:
-    """Stacks images and masks; pads to the largest size in the batch (image 0 = mean colour, mask 255). Unreadable
-    samples (``None``) are dropped and counted in ``num_bad_images``."""
-    kept = _readable(samples)
-    height = max(s["image"].shape[1] for s in kept)
-    width = max(s["image"].shape[2] for s in kept)
-    images = torch.zeros(len(kept), 3, height, width)
-    masks = torch.full((len(kept), height, width), IGNORE_INDEX, dtype=torch.long)
-    for i, sample in enumerate(kept):
-        h, w = sample["mask"].shape
-        images[i, :, :h, :w] = sample["image"]
-        masks[i, :h, :w] = sample["mask"]
-    return {"images": images, "masks": masks, "num_bad_images": len(samples) - len(kept)}
+class CheckedSplit(Dataset):
+    """One split of a dense task: reads a sample, passes ``None`` (unreadable) through for the collate to drop, and
+    hands the others to ``convert(sample, where)``, which checks them against the task's sample contract and
+    applies the transform. ``where`` names the sample in errors (its path, else the split and index)."""
 
+    def __init__(self, dataset: Dataset, convert: Callable[[dict, str], dict], name: str) -> None:
+        if len(dataset) == 0:
+            raise ValueError(f"the {name} is empty")
+        self.dataset, self.convert, self.name = dataset, convert, name
 
-def detection_collate(samples: Sequence[dict | None]) -> dict:
-    """Images stacked to ``[B,3,S,S]`` (all the same size after the transforms), targets as a list of dicts.
-    Unreadable samples (``None``) are dropped and counted in ``num_bad_images``."""
-    kept = _readable(samples)
-    return {
-        "images": torch.stack([s["image"] for s in kept]),
-        "targets": [s["target"] for s in kept],
-        "num_bad_images": len(samples) - len(kept),
-    }
+    def __len__(self) -> int:
+        return len(self.dataset)
 
-
-# ------------------------------------------------------------------------------------------------ transforms
-def _scale_limit(scale_range: Sequence[float]) -> tuple[float, float]:
-    low, high = scale_range
-    if not 0 < low <= high:
-        raise ValueError(f"scale_range must be 0 < low <= high, got {tuple(scale_range)}")
-    return (low - 1.0, high - 1.0)  # albumentations' RandomScale adds 1
-
-
-def segmentation_transforms(
-    image_size: int, scale_range: Sequence[float], flip_prob: float, eval_size: int | None
-) -> tuple[ProcessSeeded, A.Compose]:
-    """(train, eval): train = resize short side, random scale, pad (mask 255), random crop, flip, normalise."""
-    train = A.Compose(
-        [
-            A.SmallestMaxSize(max_size=image_size),
-            A.RandomScale(scale_limit=_scale_limit(scale_range), p=1.0),
-            A.PadIfNeeded(image_size, image_size, border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=IGNORE_INDEX),
-            A.RandomCrop(image_size, image_size),
-            A.HorizontalFlip(p=flip_prob),
-            A.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD),
-        ]
-    )
-    evaluation = A.Compose(
-        ([A.SmallestMaxSize(max_size=eval_size)] if eval_size else [])
-        + [A.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD)]
-    )
-    return ProcessSeeded(train), evaluation
-
-
-def detection_transforms(
-    image_size: int, scale_range: Sequence[float], flip_prob: float, min_visibility: float
-) -> tuple[ProcessSeeded, A.Compose]:
-    """(train, eval): longest side → ``image_size`` and pad to a square; train adds random scale, crop and flip
-    (boxes cut below ``min_visibility`` of their area are dropped)."""
-    pad = A.PadIfNeeded(image_size, image_size, position="top_left", border_mode=cv2.BORDER_CONSTANT, fill=0)
-    normalise = A.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD)
-    train = A.Compose(
-        [
-            A.LongestMaxSize(max_size=image_size),
-            A.RandomScale(scale_limit=_scale_limit(scale_range), p=1.0),
-            pad,
-            A.RandomCrop(image_size, image_size),
-            A.HorizontalFlip(p=flip_prob),
-            normalise,
-        ],
-        bbox_params=A.BboxParams(
-            format="pascal_voc", label_fields=["labels"], min_visibility=min_visibility, clip=True
-        ),
-    )
-    evaluation = A.Compose(
-        [A.LongestMaxSize(max_size=image_size), pad, normalise],
-        bbox_params=A.BboxParams(format="pascal_voc", label_fields=["labels"], clip=True),
-    )
-    return ProcessSeeded(train), evaluation
+    def __getitem__(self, index: int) -> dict | None:
+        sample = self.dataset[index]
+        if sample is None:
+            return None
+        return self.convert(sample, sample.get("path") or f"{self.name} sample {index}")
 
 
 # ------------------------------------------------------------------------------------------------ datamodules
@@ -442,7 +158,7 @@ class DenseDataModule(pl.LightningDataModule):
         described = {split: f"{split} dataset {type(data).__name__}" for split, data in self.datasets.items()}
 
         stated = {
-            split: _positive_count(count, f"the {described[split]}'s num_classes")
+            split: positive_count(count, f"the {described[split]}'s num_classes")
             for split, data in self.datasets.items()
             if (count := getattr(data, "num_classes", None)) is not None
         }
@@ -450,7 +166,7 @@ class DenseDataModule(pl.LightningDataModule):
             counts = ", ".join(f"{described[split]}: {count}" for split, count in stated.items())
             raise ValueError(f"{owner}: the splits state different num_classes ({counts}); they must label alike")
         if num_classes is not None:
-            self.num_classes = _positive_count(num_classes, f"{owner} num_classes")
+            self.num_classes = positive_count(num_classes, f"{owner} num_classes")
         elif stated:
             self.num_classes = next(iter(stated.values()))
         else:
@@ -491,8 +207,9 @@ class DenseDataModule(pl.LightningDataModule):
             self.synthetic_dataset(SYNTHETIC_VAL_SAMPLES, image_size, seed + SYNTHETIC_VAL_SEED_OFFSET),
         )
 
-    def _transforms(self) -> tuple[ProcessSeeded, A.Compose]:
-        raise NotImplementedError
+    def _transforms(self) -> tuple[Callable, Callable]:
+        """(train, eval) transforms; the train one ``ProcessSeeded`` so that it follows torch's seed."""
+        raise NotImplementedError(f"{type(self).__name__} must implement _transforms")
 
     def prepare_data(self) -> None:
         prepare_datasets(self.datasets.values())
@@ -502,9 +219,9 @@ class DenseDataModule(pl.LightningDataModule):
         if self.train_set is not None:
             return
         train_tf, eval_tf = self._transforms()
-        wrapped: dict[tuple[int, int], _Transformed] = {}
+        wrapped: dict[tuple[int, int], Dataset] = {}
 
-        def wrap(split: str, transform: ProcessSeeded | A.Compose) -> _Transformed:
+        def wrap(split: str, transform: Callable) -> Dataset:
             dataset = self.datasets[split]
             key = (id(dataset), id(transform))
             if key not in wrapped:  # test = val: one wrapper, its dataset read and checked once
@@ -516,9 +233,9 @@ class DenseDataModule(pl.LightningDataModule):
         self.val_set = wrap("val", eval_tf)
         self.test_set = wrap("test", eval_tf)
 
-    def transformed_dataset(self, dataset: Dataset, transform: ProcessSeeded | A.Compose, name: str) -> Dataset:
+    def transformed_dataset(self, dataset: Dataset, transform: Callable, name: str) -> Dataset:
         """One split with its transform applied and its samples checked (``name`` for the error messages)."""
-        return _Transformed(dataset, transform, self.kind, self.num_classes, name)
+        raise NotImplementedError(f"{type(self).__name__} must implement transformed_dataset")
 
     def _check_model_classes(self) -> None:
         """The model's head must have the data's classes: nothing links the two in a config, and a mismatch would
@@ -555,93 +272,3 @@ class DenseDataModule(pl.LightningDataModule):
             persistent_workers=self.hparams.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
         )
-
-
-class SegmentationDataModule(DenseDataModule):
-    """Semantic segmentation data from any datasets of masks (``train``, ``val``, optional ``test``; YAML:
-    ``class_path``), e.g. ``SegmentationFolder`` (ADE20K layout), ``FashionMNISTScenes(task="segmentation")``
-    (``dinov3_pl.data.scenes``) or a user's own ``Dataset`` of ``{"image", "mask"}`` dicts. None of them: the
-    embedded shapes (``SyntheticShapeMasks``, 512 training and 128 validation images of ``image_size``).
-
-    Args:
-        train, val, test: the splits; ``test`` None reuses ``val``.
-        num_classes: classes of the mask ids, background included where it is a class (synthetic: 8 shapes + 1).
-            None: the datasets' ``num_classes``. Every mask is checked: ids >= num_classes other than 255 raise.
-        image_size: training crop size; also the synthetic default's image size.
-        eval_size: resize the short side of validation images to this (None: keep their size).
-        seed: seed of the synthetic default (validation: ``seed + 1000003``); given datasets carry their own.
-    """
-
-    kind = "segmentation"
-    collate = staticmethod(segmentation_collate)
-    synthetic_dataset = SyntheticShapeMasks
-
-    def __init__(
-        self,
-        train: Dataset | None = None,
-        val: Dataset | None = None,
-        test: Dataset | None = None,
-        num_classes: int | None = None,
-        image_size: int = 64,
-        eval_size: int | None = None,
-        scale_range: tuple[float, float] = (0.5, 2.0),
-        flip_prob: float = 0.5,
-        batch_size: int = 16,
-        val_batch_size: int | None = None,
-        num_workers: int = 0,
-        seed: int = 0,
-    ) -> None:
-        super().__init__()
-        self.save_hyperparameters(ignore=_NOT_HYPERPARAMETERS)
-        self._take_datasets(train, val, test, num_classes, image_size, seed)
-
-    def _transforms(self) -> tuple[ProcessSeeded, A.Compose]:
-        hp = self.hparams
-        return segmentation_transforms(hp.image_size, hp.scale_range, hp.flip_prob, hp.eval_size)
-
-
-class DetectionDataModule(DenseDataModule):
-    """Object detection data from any datasets of boxes (``train``, ``val``, optional ``test``; YAML:
-    ``class_path``), e.g. ``CocoDetectionDataset`` (COCO JSON + images), ``FashionMNISTScenes(task="detection")``
-    (``dinov3_pl.data.scenes``) or a user's own ``Dataset`` of ``{"image", "boxes", "box_labels"}`` dicts. None of
-    them: the embedded ``SyntheticShapes`` (512 training and 128 validation images of ``image_size``).
-
-    Args:
-        train, val, test: the splits; ``test`` None reuses ``val``. Their categories (COCO ids, class names) must
-            agree.
-        num_classes: object classes, background excluded. None: the datasets' ``num_classes``.
-        image_size: images are resized (longest side) and padded to ``image_size``² (train: random scale + crop).
-        min_visibility: training crops drop boxes keeping less than this fraction of their area.
-        seed: seed of the synthetic default (validation: ``seed + 1000003``); given datasets carry their own.
-
-    ``class_names`` (the datasets' names, else "0", "1", ...) and ``num_classes`` are attributes after ``__init__``.
-    """
-
-    kind = "detection"
-    collate = staticmethod(detection_collate)
-    synthetic_dataset = SyntheticShapes
-
-    def __init__(
-        self,
-        train: Dataset | None = None,
-        val: Dataset | None = None,
-        test: Dataset | None = None,
-        num_classes: int | None = None,
-        image_size: int = 64,
-        scale_range: tuple[float, float] = (0.75, 1.25),
-        flip_prob: float = 0.5,
-        min_visibility: float = 0.3,
-        batch_size: int = 16,
-        val_batch_size: int | None = None,
-        num_workers: int = 0,
-        seed: int = 0,
-    ) -> None:
-        super().__init__()
-        self.save_hyperparameters(ignore=_NOT_HYPERPARAMETERS)
-        self._take_datasets(train, val, test, num_classes, image_size, seed)
-        if self.class_names is None:
-            self.class_names = [str(label) for label in range(self.num_classes)]
-
-    def _transforms(self) -> tuple[ProcessSeeded, A.Compose]:
-        hp = self.hparams
-        return detection_transforms(hp.image_size, hp.scale_range, hp.flip_prob, hp.min_visibility)

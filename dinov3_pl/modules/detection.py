@@ -28,7 +28,7 @@ from dinov3_pl.models.dense_heads import SimpleFeaturePyramid
 from dinov3_pl.modules.frozen import FrozenBackboneModule
 from dinov3_pl.modules.segmentation import denormalise
 
-__all__ = ["Detection", "PyramidBackbone", "detection_overlay"]
+__all__ = ["Detection", "PyramidBackbone", "detection_overlay", "to_original_coordinates"]
 
 
 class _NoResizeTransform(GeneralizedRCNNTransform):
@@ -81,6 +81,26 @@ def detection_overlay(
         pred = _draw(image, prediction["boxes"][keep].cpu(), labels, "red")
         rows.append(torch.cat([gt, pred], dim=2))
     return torch.cat(rows, dim=1)
+
+
+def _xyxy_factors(scale: Tensor) -> Tensor:
+    """(height factor, width factor) -> the factors of an xyxy box's four coordinates."""
+    return scale[[1, 0, 1, 0]].float()
+
+
+def to_original_coordinates(
+    predictions: Sequence[dict[str, Tensor]], scales: Tensor, original_sizes: Tensor
+) -> list[dict[str, Tensor]]:
+    """Boxes predicted on resized evaluation images (``scales``: each image's (height, width) resize factors) mapped
+    back to the original image and clipped to its size (``original_sizes``: (height, width)), where COCO's
+    evaluation (areas, crowd regions) takes place."""
+    mapped = []
+    for prediction, scale, (height, width) in zip(predictions, scales, original_sizes.tolist(), strict=True):
+        boxes = prediction["boxes"] / _xyxy_factors(scale).to(prediction["boxes"])
+        boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
+        boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
+        mapped.append({**prediction, "boxes": boxes})
+    return mapped
 
 
 class Detection(FrozenBackboneModule):
@@ -226,9 +246,18 @@ class Detection(FrozenBackboneModule):
         predictions = [
             {k: v.float() if v.is_floating_point() else v for k, v in p.items()} for p in self(batch["images"])
         ]
-        targets = [{"boxes": t["boxes"].float(), "labels": t["labels"]} for t in batch["targets"]]
-        self.val_map.update(predictions, targets)
+        targets = [{k: v.float() if k in ("boxes", "area") else v for k, v in t.items()} for t in batch["targets"]]
+        scales = batch.get("scales")  # evaluation batches: targets in original pixels, images resized by these
+        original = (
+            predictions if scales is None else to_original_coordinates(predictions, scales, batch["original_sizes"])
+        )
+        self.val_map.update(original, targets)
         if stage == "val" and batch_idx == 0:
+            if scales is not None:  # drawn on the resized image
+                targets = [
+                    {**t, "boxes": t["boxes"] * _xyxy_factors(scale).to(t["boxes"])}
+                    for t, scale in zip(targets, scales, strict=True)
+                ]
             self._log_overlay(batch["images"], targets, predictions)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
