@@ -15,7 +15,8 @@ import pytest
 import torch
 from scipy import ndimage
 
-from dinov3_pl.data.masking import BlockMaskGenerator, IBOTMaskCollator, ibot_mask_counts
+from dinov3_pl.data.masking import BlockMaskGenerator, IBOTMaskCollator, ibot_mask_counts, ibot_mask_fields
+from dinov3_pl.data.multicrop import MultiCropCollate
 
 FIXTURE = json.loads((Path(__file__).parent / "fixtures" / "ibot_mask_stats.json").read_text())
 
@@ -119,3 +120,28 @@ def test_bad_arguments():
         IBOTMaskCollator(8, mask_probability=1.5)
     with pytest.raises(ValueError, match="mask_ratio"):
         IBOTMaskCollator(8, mask_ratio=(0.5, 0.1))
+
+
+def test_mask_fields_precomputed_on_cpu_match_the_masks():
+    """The collate's mask_indices / ibot_weights / num_masked_patches are what the step would derive on device."""
+    samples = [
+        {"global_crops": [torch.zeros(3, 8, 8)] * 2, "local_crops": [], "index": index, "epoch": 0}
+        for index in range(4)
+    ]
+    batch = MultiCropCollate(global_size=8, patch_size=2)(samples)
+    masks = batch["masks"]
+    assert masks.shape == (8, 16) and masks.any()
+    assert batch["mask_indices"].dtype == torch.long and batch["ibot_weights"].dtype == torch.float32
+    # Independent: rows of the masked patches by a Python loop, weight 1 / (masked patches of the crop).
+    expected_rows, expected_weights = [], []
+    for crop, mask in enumerate(masks.tolist()):
+        count = sum(mask)
+        for patch, masked in enumerate(mask):
+            if masked:
+                expected_rows.append(crop * masks.shape[1] + patch)
+                expected_weights.append(1.0 / count)
+    assert batch["mask_indices"].tolist() == expected_rows
+    assert batch["num_masked_patches"] == len(expected_rows) == int(masks.sum())
+    torch.testing.assert_close(batch["ibot_weights"], torch.tensor(expected_weights))
+    with pytest.raises(ValueError, match="bool tensor"):
+        ibot_mask_fields(masks.float())

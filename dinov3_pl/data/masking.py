@@ -12,17 +12,23 @@ Per batch of C = 2B global crops (local crops are never masked):
   random unmasked patches to the exact count;
 - the C masks are shuffled over the crops.
 
+:func:`ibot_mask_fields` adds what the training step would otherwise derive on the device with a host sync (as
+upstream's collate does): the flat indices of the masked patches, their iBOT weights and their count.
+
 All randomness comes from a ``np.random.Generator`` so data-loader workers are deterministic given their seed.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import torch
 
-__all__ = ["BlockMaskGenerator", "IBOTMaskCollator", "ibot_mask_counts"]
+from dinov3_pl.losses.ibot import masked_patch_weights
+
+__all__ = ["BlockMaskGenerator", "IBOTMaskCollator", "ibot_mask_counts", "ibot_mask_fields"]
 
 
 class BlockMaskGenerator:
@@ -93,6 +99,26 @@ def ibot_mask_counts(
     ratios = torch.linspace(float(mask_ratio[0]), float(mask_ratio[1]), num_masked_crops + 1)
     # Same float32 arithmetic as upstream (int(N * probs[i + 1]) on a float32 tensor).
     return [int(num_patches * ratios[i + 1]) for i in range(num_masked_crops)]
+
+
+def ibot_mask_fields(masks: torch.Tensor) -> dict[str, Any]:
+    """The batch fields derived from the ``[C, N]`` bool iBOT masks, computed here on CPU so the training step needs
+    no ``nonzero`` (a host sync with a data-dependent shape) on the device:
+
+    - ``mask_indices`` long ``[M]``: ``masks.flatten().nonzero()``, the rows of the masked patches in the
+      crop-major ``[C * N]`` patch tokens (upstream ``mask_indices_list``);
+    - ``ibot_weights`` float32 ``[M]``: ``1 / (masked patches of the row's crop)``, the ``masks_weight`` of
+      :class:`dinov3_pl.losses.IBOTPatchLoss` (upstream ``masks_weight``);
+    - ``num_masked_patches`` int: ``M``, known on the host (upstream ``n_masked_patches``).
+    """
+    if masks.ndim != 2 or masks.dtype != torch.bool:
+        raise ValueError(f"masks must be a bool tensor [C, N], got {masks.dtype} {tuple(masks.shape)}")
+    mask_indices = masks.flatten().nonzero().squeeze(-1)
+    return {
+        "mask_indices": mask_indices,
+        "ibot_weights": masked_patch_weights(masks),
+        "num_masked_patches": int(mask_indices.shape[0]),
+    }
 
 
 class IBOTMaskCollator:

@@ -2,7 +2,9 @@
 
 Train batches (crop-major: all images' crop 0, then all images' crop 1, ...; see notes/CONTRACTS.md):
   ``global_crops`` float [2B, 3, G, G], ``local_crops`` float [nB, 3, L, L] (absent when n = 0),
-  ``masks`` bool [2B, (G/p)^2] (iBOT, upstream statistics), ``gram_crops`` float [2B, 3, Gg, Gg] (when enabled),
+  ``masks`` bool [2B, (G/p)^2] (iBOT, upstream statistics) with, made from them on CPU, ``mask_indices`` long [M]
+  (flat indices of the M masked patches), ``ibot_weights`` float [M] and ``num_masked_patches`` int (see
+  ``dinov3_pl.data.masking.ibot_mask_fields``), ``gram_crops`` float [2B, 3, Gg, Gg] (when enabled),
   ``labels`` long [B] (-1 unknown), ``num_bad_images`` int (undecodable images dropped from this batch),
   ``epoch`` int (the sampler epoch the batch was drawn from; it tells the DataModule where training stands).
 
@@ -29,7 +31,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from dinov3_pl.data.datasets import ImageFolder, SyntheticShapes, describe_dataset, prepare_datasets
-from dinov3_pl.data.masking import IBOTMaskCollator
+from dinov3_pl.data.masking import IBOTMaskCollator, ibot_mask_fields
 from dinov3_pl.data.samplers import ShardedEvalSampler
 from dinov3_pl.data.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform, MultiCropTransform
 
@@ -163,7 +165,8 @@ class MultiCropDataset(Dataset):
 
 
 class MultiCropCollate:
-    """Stacks multi-crop samples crop-major, drops ``None`` samples (counted) and adds the iBOT masks."""
+    """Stacks multi-crop samples crop-major, drops ``None`` samples (counted) and adds the iBOT masks (with their
+    indices, weights and count, so the step needs no host sync)."""
 
     def __init__(
         self,
@@ -205,6 +208,7 @@ class MultiCropCollate:
         epoch = int(good[0].get("epoch", 0))
         keys = [self.seed, epoch] + [int(s.get("index", 0)) for s in good]
         batch["masks"] = self.masking(num_global * len(good), np.random.default_rng(keys))
+        batch.update(ibot_mask_fields(batch["masks"]))
         batch["labels"] = torch.tensor([int(s.get("label", -1)) for s in good], dtype=torch.long)
         batch["num_bad_images"] = num_bad
         batch["epoch"] = epoch

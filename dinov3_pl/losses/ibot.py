@@ -59,7 +59,10 @@ class _ChunkedSoftCrossEntropy(torch.autograd.Function):
                 log_probs = F.log_softmax(student_logits[start:end].float() / student_temp, dim=-1)
                 grad_log_probs = (-grad_losses[start:end]).unsqueeze(-1) * teacher_probs[start:end].float()
                 grad_scaled = torch._log_softmax_backward_data(grad_log_probs, log_probs, -1, torch.float32)
-                grad_student[start:end] = grad_scaled / student_temp  # copy_ casts to the student's dtype
+                # Freed before the next chunk: at most three chunk-sized fp32 temporaries are alive at once.
+                del log_probs, grad_log_probs
+                grad_student[start:end] = grad_scaled.div_(student_temp)  # the copy casts to the student's dtype
+                del grad_scaled
         return grad_student, None, None, None
 
 
