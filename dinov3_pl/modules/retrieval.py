@@ -1,0 +1,106 @@
+"""Retrieval: image retrieval with frozen backbone features (run with ``dinov3-pl validate|test``)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from dinov3_pl.metrics.retrieval import rank_by_cosine, relevance_from_labels, revisited_scores
+from dinov3_pl.modules.bank_query import BankQueryEvaluation
+from dinov3_pl.modules.frozen import FeatureType
+
+__all__ = ["Retrieval"]
+
+
+class Retrieval(BankQueryEvaluation):
+    """Every query ranks the whole database by cosine similarity of L2-normalised frozen features; scored with the
+    revisited Oxford / Paris protocol (``dinov3_pl.metrics.retrieval``: revisitop's mAP and mP@k).
+
+    The loaders are ``[database, queries]`` (``dinov3_pl.data.retrieval.RetrievalDataModule``). Two kinds of queries:
+
+    - with a ``relevance`` row over the database (``RevisitedDataset``): logs ``retrieval/mAP_easy``,
+      ``retrieval/mAP_medium``, ``retrieval/mAP_hard`` and ``retrieval/mP@<k>_<protocol>`` for each k in ``ks``;
+      Medium and Hard are the numbers papers report (DINOv3's model card: Oxford-Hard mAP);
+    - labelled (``label`` >= 0, any labelled dataset): a database image is a positive when it has the query's
+      label; logs ``retrieval/mAP`` and ``retrieval/mP@<k>``.
+
+    Rows are gathered from every rank in dataset order by the base class, so every rank ranks alike. A database
+    shorter than the relevance rows (``limit_val_batches``, ``fast_dev_run``) is scored over the images it has.
+
+    Args:
+        arch, weights, backbone_kwargs, feature_type, n_last_blocks, cache_eval_features: see
+            ``FrozenBackboneModule``. The DINO family's retrieval evaluations use the class token (``"cls"``).
+        ks: cut-offs of the mean precision at k (revisitop: 1, 5, 10).
+        query_chunk_size: queries ranked at once (memory: ``query_chunk_size × database`` similarities).
+    """
+
+    metric_prefix = "retrieval"
+
+    def __init__(
+        self,
+        arch: str | None = "vit_small_patch16_dinov3",
+        weights: str | None = None,
+        backbone_kwargs: dict | None = None,
+        feature_type: FeatureType = "cls",
+        n_last_blocks: int = 1,
+        cache_eval_features: bool = False,
+        ks: Sequence[int] = (1, 5, 10),
+        query_chunk_size: int = 1024,
+    ) -> None:
+        super().__init__(
+            arch=arch,
+            weights=weights,
+            backbone_kwargs=backbone_kwargs,
+            feature_type=feature_type,
+            n_last_blocks=n_last_blocks,
+            cache_eval_features=cache_eval_features,
+        )
+        self.save_hyperparameters()
+        if not ks or any(int(k) < 1 for k in ks):
+            raise ValueError(f"ks must be a non-empty list of cut-offs >= 1, got {list(ks)}")
+        if query_chunk_size < 1:
+            raise ValueError(f"query_chunk_size must be at least 1, got {query_chunk_size}")
+        self.ks = tuple(int(k) for k in ks)
+        self.query_chunk_size = int(query_chunk_size)
+
+    def update(self, features: Tensor, batch: dict[str, Any], is_bank: bool) -> None:
+        """Keeps features and labels of the database, features and ``relevance`` (else labels) of the queries."""
+        if "indices" not in batch:
+            raise ValueError("Retrieval keeps features by dataset index: batches need an 'indices' entry")
+        key = "relevance" if not is_bank and "relevance" in batch else "labels"
+        if key not in batch:
+            split = "database" if is_bank else "queries"
+            raise ValueError(
+                f"Retrieval needs 'labels' in the {split} batches (or 'relevance' in the queries'); this batch has "
+                f"{sorted(batch)}"
+            )
+        indices = torch.as_tensor(batch["indices"], device=features.device)
+        kept = {key: torch.as_tensor(batch[key], device=features.device)}
+        (self.bank_rows if is_bank else self.query_rows).add(indices, features=features, **kept)
+
+    def compute(self) -> dict[str, Tensor]:
+        bank, queries = self.gathered_bank(), self.gathered_queries()
+        ranking = rank_by_cosine(queries["features"], bank["features"], self.query_chunk_size)
+        if "relevance" in queries:
+            relevance = queries["relevance"]
+            if int(bank["indices"].max()) >= relevance.shape[1]:
+                raise ValueError(
+                    f"the database has {len(bank['indices'])} images with indices up to {int(bank['indices'].max())}, "
+                    f"but the queries' relevance rows cover {relevance.shape[1]}: database and queries must come from "
+                    "the same ground truth"
+                )
+            # Columns are database indices; the gathered rows may be a part of the database (limited batches).
+            return revisited_scores(ranking, relevance.index_select(1, bank["indices"]), ks=self.ks)
+        for name, labels in (("database", bank["labels"]), ("queries", queries["labels"])):
+            if bool((labels < 0).any()):
+                raise ValueError(
+                    f"the {name} has unlabelled images (label -1): labelled retrieval needs a label on every image, "
+                    "or queries with a 'relevance' ground truth (RevisitedDataset)"
+                )
+        scores = revisited_scores(
+            ranking, relevance_from_labels(queries["labels"], bank["labels"]), protocols=("easy",), ks=self.ks
+        )
+        return {name.removesuffix("_easy"): value for name, value in scores.items()}
