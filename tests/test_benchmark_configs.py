@@ -129,7 +129,8 @@ def test_classification_configs_follow_upstream():
 @pytest.mark.parametrize("config", ["segmentation_ade20k", "segmentation_voc"])
 def test_segmentation_configs_follow_upstreams_ade20k_linear_recipe(config):
     """config-ade20k-linear-training.yaml: 40k iterations, 1.5k warm-up, AdamW 1e-3 / wd 1e-3, 2 x 8 images,
-    512 crops at ratio 0.5-2, slide 512 / 341, evaluation every 5k iterations."""
+    512 crops at ratio 0.5-2 with cat_max_ratio 0.75, flip and photometric distortion, slide 512 / 341, evaluation
+    every 5k iterations."""
     printed = _printed(config)
     trainer, model, data = printed["trainer"], printed["model"]["init_args"], printed["data"]["init_args"]
     assert (trainer["max_steps"], trainer["val_check_interval"], trainer["check_val_every_n_epoch"]) == (
@@ -143,6 +144,7 @@ def test_segmentation_configs_follow_upstreams_ade20k_linear_recipe(config):
     assert (model["inference"], model["window_size"], model["window_stride"]) == ("slide", 512, 341)
     sizes = (data["image_size"], data["eval_size"], data["scale_range"], data["batch_size"])
     assert sizes == (512, 512, [0.5, 2.0], 16)
+    assert (data["cat_max_ratio"], data["flip_prob"], data["photometric_distortion"]) == (0.75, 0.5, True)
     assert model["num_classes"] == {"segmentation_ade20k": ADE20K, "segmentation_voc": PascalVOC}[config].num_classes
 
 

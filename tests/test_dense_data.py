@@ -10,14 +10,19 @@ import pytest
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
+from torchvision.transforms import functional as TF
 
 from dinov3_pl.data.datasets import SyntheticShapes
 from dinov3_pl.data.dense import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
 from dinov3_pl.data.detection import CocoDetectionDataset, DetectionDataModule, detection_collate
 from dinov3_pl.data.segmentation import (
+    PhotometricDistortion,
     SegmentationDataModule,
     SegmentationFolder,
+    SegmentationTrainTransform,
     SyntheticShapeMasks,
+    choose_crop,
+    resize_short_side,
     segmentation_collate,
 )
 
@@ -331,3 +336,75 @@ def test_dataloader_workers_do_not_repeat_each_others_augmentations():
     data.setup("fit")
     images = [batch["images"] for batch in data.train_dataloader()]  # workers alternate: 0, 1, 0, 1, ...
     assert not all(torch.equal(images[i], images[i + 1]) for i in range(0, len(images), 2))
+
+
+# ------------------------------------------------------------------------------------------------ upstream's recipe
+def test_crop_is_redrawn_while_one_class_covers_cat_max_ratio():
+    """A 40x40 map: class 1 only in the top-left 16x16 corner, the rest class 0 (ignore in the bottom rows). A
+    20x20 crop passes upstream's rule (two classes, none >= 0.75 of the labelled pixels) only when it takes enough of
+    the corner (70 of the 441 offsets); an all-class-0 map passes never, so the 11th draw is taken unchecked."""
+    mask = np.zeros((40, 40), np.uint8)
+    mask[:16, :16] = 1
+    mask[36:] = IGNORE_INDEX
+
+    def passes(top, left):
+        labels, counts = np.unique(mask[top : top + 20, left : left + 20], return_counts=True)
+        counts = counts[labels != IGNORE_INDEX]
+        return len(counts) > 1 and counts.max() / counts.sum() < 0.75
+
+    corners = [choose_crop(mask, 20, 0.75, np.random.default_rng(seed)) for seed in range(200)]
+    assert all(0 <= top <= 20 and 0 <= left <= 20 for top, left in corners)
+    # 16% of the offsets pass; up to 11 draws find one 85% of the time (1 - 0.84^11).
+    assert sum(passes(t, x) for t in range(21) for x in range(21)) == 70
+    assert np.mean([passes(*corner) for corner in corners]) > 0.7
+    draws = []
+
+    class CountingRng:
+        def integers(self, low, high):
+            draws.append(high)
+            return 0
+
+    choose_crop(np.zeros((40, 40), np.uint8), 20, 0.75, CountingRng())
+    assert len(draws) == 2 * 11  # (top, left) drawn once, then re-drawn after each of 10 failed checks
+    draws.clear()
+    choose_crop(np.zeros((40, 40), np.uint8), 20, 1.0, CountingRng())  # the rule off
+    assert len(draws) == 2
+
+
+def test_photometric_distortion_draws_upstreams_ranges_and_applies_them():
+    distortion, rng = PhotometricDistortion(), np.random.default_rng(0)
+    draws = [distortion.sample(rng) for _ in range(4000)]
+    ranges = {"brightness": (-32, 32), "contrast": (0.5, 1.5), "saturation": (0.5, 1.5), "hue": (-0.5, 0.5)}
+    for key, (low, high) in ranges.items():
+        values = np.array([d[key] for d in draws if d[key] is not None])
+        assert 0.45 < len(values) / len(draws) < 0.55  # each step with probability 0.5
+        assert low <= values.min() < low + 0.05 * (high - low) and high - 0.05 * (high - low) < values.max() <= high
+    assert 0.45 < np.mean([d["contrast_first"] for d in draws]) < 0.55
+    image = np.random.default_rng(1).integers(0, 256, (6, 5, 3), dtype=np.uint8)
+    off = {"brightness": None, "contrast_first": True, "contrast": None, "saturation": None, "hue": None}
+    brighter = PhotometricDistortion.apply(image, {**off, "brightness": 20.7})
+    np.testing.assert_array_equal(brighter, np.clip(image + 20.7, 0, 255).astype(np.uint8))  # clipped, truncated
+    stronger = PhotometricDistortion.apply(image, {**off, "contrast": 1.3})
+    np.testing.assert_array_equal(stronger, np.clip(image * np.float32(1.3), 0, 255).astype(np.uint8))
+    hued = PhotometricDistortion.apply(image, {**off, "hue": 0.25})
+    expected = TF.adjust_hue(torch.tensor(image).permute(2, 0, 1), 0.25).permute(1, 2, 0).numpy()
+    np.testing.assert_array_equal(hued, expected)
+    # Contrast last: after the saturation change, not before it.
+    last = PhotometricDistortion.apply(image, {**off, "contrast_first": False, "contrast": 1.3, "saturation": 0.5})
+    grey_blend = TF.adjust_saturation(torch.tensor(image).permute(2, 0, 1), 0.5).permute(1, 2, 0).numpy()
+    np.testing.assert_array_equal(last, np.clip(grey_blend * np.float32(1.3), 0, 255).astype(np.uint8))
+
+
+def test_training_transform_resizes_crops_and_pads_with_ignore():
+    transform = SegmentationTrainTransform(32, scale_range=(0.25, 0.25), cat_max_ratio=1.0, flip_prob=0.0)
+    transform.set_random_seed(0)
+    image = np.full((40, 60, 3), 200, np.uint8)
+    mask = np.ones((40, 60), np.uint8)
+    out = transform(image=image, mask=mask)
+    # Short side 32 x 0.25 = 8, long side 12: smaller than the crop, padded bottom/right (0 = the mean colour, 255).
+    assert out["image"].shape == (32, 32, 3) and out["mask"].shape == (32, 32)
+    assert (out["mask"][:8, :12] == 1).all() and (out["mask"][8:] == IGNORE_INDEX).all()
+    assert (out["mask"][:, 12:] == IGNORE_INDEX).all() and (out["image"][8:] == 0).all()
+    assert resize_short_side(image, 16).shape == (16, 24, 3)  # upstream's FixedSideResize: int(16 * 60 / 40 + 0.5)
+    with pytest.raises(ValueError, match="cat_max_ratio must be in"):
+        SegmentationTrainTransform(32, cat_max_ratio=0)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import numpy as np
@@ -15,6 +16,7 @@ import yaml
 from PIL import Image
 from torch import nn
 from torch.utils.data import Dataset
+from torchmetrics.classification import MulticlassJaccardIndex
 
 from dinov3_pl.data.scenes import FashionMNISTScenes
 from dinov3_pl.data.segmentation import SegmentationDataModule, SegmentationFolder, SyntheticShapeMasks
@@ -42,16 +44,38 @@ def test_miou_matches_hand_computed_confusion_matrix():
     assert model.val_pixel_accuracy.compute().item() == pytest.approx(5 / 7)
 
 
-def test_head_is_bn_then_conv_and_forward_pads_to_patch_multiple():
-    head = LinearSegmentationHead(4, 3, dropout=0.0).eval()
+def test_head_is_dropout_then_bn_then_conv_and_forward_pads_to_patch_multiple():
+    torch.manual_seed(0)
+    head = LinearSegmentationHead(4, 3, dropout=0.5)
     x = torch.randn(2, 4, 5, 5)
     bn = head.norm
+    # Training: upstream's order, dropout first, so the BatchNorm's batch statistics see the dropped-out features.
+    torch.manual_seed(1)
+    dropped = nn.functional.dropout2d(x, 0.5, training=True)
+    normed = (dropped - dropped.mean((0, 2, 3), keepdim=True)) / torch.sqrt(
+        dropped.var((0, 2, 3), unbiased=False, keepdim=True) + bn.eps
+    )
+    expected = nn.functional.conv2d(normed, head.classifier.weight, head.classifier.bias)
+    torch.manual_seed(1)
+    torch.testing.assert_close(head(x), expected)
+    head.eval()
     expected = nn.functional.conv2d(
         (x - bn.running_mean.view(1, -1, 1, 1)) / torch.sqrt(bn.running_var.view(1, -1, 1, 1) + bn.eps),
         head.classifier.weight,
         head.classifier.bias,
     )
     torch.testing.assert_close(head(x), expected)
+    # A checkpoint of the earlier order (BatchNorm, dropout, conv) has the same names: it loads and, dropout being
+    # the identity in eval(), evaluates the same.
+    assert sorted(head.state_dict()) == sorted(
+        f"{module}.{name}"
+        for module in ("norm", "classifier")
+        for name in (
+            ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+            if module == "norm"
+            else ("weight", "bias")
+        )
+    )
     model = Segmentation(num_classes=3, backbone_kwargs=TINY).eval()
     assert model(torch.randn(1, 3, 30, 21)).shape == (1, 3, 30, 21)  # padded to 32x24 inside, cut back
     two_layers = Segmentation(num_classes=3, backbone_kwargs=TINY, n_layers=2, dropout=0.0).eval()
@@ -60,6 +84,89 @@ def test_head_is_bn_then_conv_and_forward_pads_to_patch_multiple():
     maps = two_layers.backbone.get_intermediate_layers(images, n=2, reshape=True, norm=True)
     expected = nn.functional.interpolate(two_layers.head(torch.cat(maps, 1)), size=(16, 16), mode="bilinear")
     torch.testing.assert_close(two_layers(images), expected)
+
+
+def test_head_norm_becomes_sync_batchnorm_under_multi_gpu_ddp_only(monkeypatch):
+    model = Segmentation(num_classes=3, backbone_kwargs=TINY)
+    backbone_modules = dict(model.backbone.named_modules())
+    norm = model.head.norm
+    model.setup("fit")  # no trainer: nothing to synchronise
+    assert model.head.norm is norm
+
+    def attach(world_size, device):
+        strategy = SimpleNamespace(root_device=torch.device(device))
+        monkeypatch.setattr(model, "_trainer", SimpleNamespace(world_size=world_size, strategy=strategy))
+
+    attach(1, "cuda")
+    model.setup("fit")
+    assert model.head.norm is norm
+    attach(2, "cpu")
+    with pytest.warns(UserWarning, match="SyncBatchNorm needs GPUs"):
+        model.setup("fit")
+    assert type(model.head.norm) is nn.BatchNorm2d
+    attach(2, "cuda")
+    model.setup("fit")
+    synced = model.head.norm
+    assert isinstance(synced, nn.SyncBatchNorm) and synced.weight is norm.weight
+    assert synced.running_mean is norm.running_mean
+    # The frozen backbone is left alone, module for module.
+    assert dict(model.backbone.named_modules()) == backbone_modules
+    model.setup("validate")
+    assert model.head.norm is synced
+
+
+class _OddSizes(Dataset):
+    """Three images of different, odd sizes in one batch; their label maps are what mIoU must be measured on."""
+
+    num_classes = 3
+    sizes = ((13, 21), (19, 11), (7, 9))
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+    def __getitem__(self, index: int) -> dict:
+        height, width = self.sizes[index]
+        rng = np.random.default_rng(index)
+        mask = rng.integers(0, 3, (height, width)).astype(np.uint8)
+        mask[0, :3] = 255
+        return {"image": rng.integers(0, 256, (height, width, 3), dtype=np.uint8), "mask": mask}
+
+
+def test_miou_is_measured_at_the_original_label_resolution():
+    """eval_size resizes the images (16 px short side) but never the labels: each image's logits are resized
+    bilinearly to its own label map. Checked against torchmetrics on the original labels and the logits resized
+    here."""
+    data = _OddSizes()
+    dm = SegmentationDataModule(train=data, val=data, eval_size=16, val_batch_size=3)
+    dm.setup("validate")
+    batch = next(iter(dm.val_dataloader()))
+    assert batch["mask_sizes"].tolist() == [list(size) for size in data.sizes]
+    assert batch["image_sizes"].tolist() == [[16, 26], [28, 16], [16, 21]]  # short side 16, long side rounded
+    model = Segmentation(num_classes=3, backbone_kwargs=TINY).eval()
+    seen, produced = [], []
+
+    def predict_logits(images):  # logits that differ across the image, at its (resized) size
+        seen.append(tuple(images.shape[-2:]))
+        produced.append(torch.randn(1, 3, *images.shape[-2:], generator=torch.Generator().manual_seed(len(seen))))
+        return produced[-1]
+
+    model.predict_logits = predict_logits
+    model.validation_step(batch, 1)
+    assert seen == [(16, 26), (28, 16), (16, 21)]  # each image without the batch's padding
+    reference = MulticlassJaccardIndex(3, ignore_index=255, average="macro")
+    for logits, index in zip(produced, range(3), strict=True):
+        label = torch.as_tensor(data[index]["mask"]).long()[None]
+        resized = nn.functional.interpolate(logits, size=label.shape[-2:], mode="bilinear", align_corners=False)
+        reference.update(resized.argmax(1), label)
+    assert model.val_miou.compute().item() == pytest.approx(reference.compute().item(), abs=1e-7)
+
+
+def test_miou_leaves_out_classes_absent_from_labels_and_predictions():
+    """Upstream averages the per-class IoU with nanmean: a class neither labelled nor predicted anywhere is not a
+    zero. Class 3 of 4 never occurs: mIoU = (1 + 1/2 + 1/2) / 3, not / 4."""
+    model = Segmentation(num_classes=4, backbone_kwargs=TINY)
+    model.val_miou.update(torch.tensor([[0, 1, 1, 2]]), torch.tensor([[0, 1, 2, 2]]))
+    assert model.val_miou.compute().item() == pytest.approx(2 / 3)
 
 
 def test_sliding_window_averages_overlaps():

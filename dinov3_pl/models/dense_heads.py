@@ -18,15 +18,20 @@ __all__ = ["LayerNorm2d", "LinearSegmentationHead", "SimpleFeaturePyramid"]
 
 
 class LinearSegmentationHead(nn.Module):
-    """BatchNorm + dropout + 1×1 convolution from patch features to per-patch class logits.
+    """Dropout + BatchNorm + 1×1 convolution from patch features to per-patch class logits, in that order.
 
-    This is upstream DINOv3's linear segmentation probe (``use_batchnorm=True``, dropout 0.1, conv weights drawn
-    from N(0, 0.01²), zero bias). Several layers' maps are concatenated on the channel axis by the caller.
+    This is upstream DINOv3's linear segmentation probe (``LinearHead``: ``Dropout2d(0.1)``, then the norm, then the
+    conv; weights drawn from N(0, 0.01²), zero bias). Upstream's norm is a SyncBatchNorm; ``Segmentation`` converts
+    this one to it under multi-GPU DDP. Several layers' maps are concatenated on the channel axis by the caller.
+
+    Checkpoints of the earlier order (BatchNorm, then dropout) have the same parameters under the same names and
+    load unchanged; they evaluate identically (dropout is the identity in ``eval()``), and training them further
+    continues in the new order.
 
     Args:
         in_channels: channels of the input patch map (embed_dim × number of concatenated layers).
         num_classes: output classes (logit channels).
-        dropout: ``Dropout2d`` rate applied to the normalised features during training.
+        dropout: ``Dropout2d`` rate applied to the features (before the norm) during training.
         use_batchnorm: normalise the (frozen) features with a trainable BatchNorm first.
     """
 
@@ -42,7 +47,7 @@ class LinearSegmentationHead(nn.Module):
 
     def forward(self, patch_map: Tensor) -> Tensor:
         """``[B, C, h, w]`` patch features → ``[B, num_classes, h, w]`` logits (at patch resolution)."""
-        return self.classifier(self.dropout(self.norm(patch_map)))
+        return self.classifier(self.norm(self.dropout(patch_map)))
 
 
 class LayerNorm2d(nn.LayerNorm):

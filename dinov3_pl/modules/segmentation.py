@@ -1,10 +1,12 @@
 """Linear semantic segmentation on a frozen DINOv3 backbone (upstream DINOv3's linear segmentation protocol).
 
-A trainable BatchNorm + 1×1 conv head reads the last block's normed patch tokens (optionally the last ``n`` blocks
-concatenated); its patch-resolution logits are bilinearly up-sampled to the label size and trained with
-cross-entropy (ignore 255). mIoU comes from a dataset-level confusion matrix (torchmetrics
-``MulticlassJaccardIndex``), as upstream, plus pixel accuracy. Images larger than the training crop can be
-evaluated with a sliding window (``inference="slide"``), as upstream's ADE20K eval (crop 512, stride 341).
+A trainable dropout + BatchNorm (SyncBatchNorm under multi-GPU DDP) + 1×1 conv head reads the last block's normed
+patch tokens (optionally the last ``n`` blocks concatenated); its patch-resolution logits are bilinearly up-sampled
+to the label size and trained with cross-entropy (ignore 255). Evaluation predicts each image on its own (whole, or
+with a sliding window, ``inference="slide"``, as upstream's ADE20K eval: crop 512, stride 341), resizes the logits
+bilinearly to the image's label map, which keeps its original resolution, and accumulates a dataset-level confusion
+matrix (torchmetrics ``MulticlassJaccardIndex``; classes absent from both labels and predictions are left out of
+the mean, as upstream's ``nanmean``), plus pixel accuracy.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from torch import Tensor
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor, nn
 from torch.nn import functional as F
 from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
 
@@ -60,7 +63,7 @@ class Segmentation(FrozenBackboneModule):
     Args:
         num_classes: classes including background (label ids 0..num_classes-1, 255 ignored).
         n_layers: concatenate the normed patch maps of the last ``n_layers`` blocks (upstream "LAST": 1).
-        dropout: Dropout2d on the features before the 1×1 conv (upstream 0.1).
+        dropout: Dropout2d on the features before the BatchNorm and the 1×1 conv (upstream 0.1).
         inference: ``"whole"`` (one forward per image, padded to a multiple of the patch size) or ``"slide"``.
         window_size, window_stride: sliding-window crop size and step in pixels (``window_size`` must be a
             multiple of the patch size).
@@ -108,6 +111,27 @@ class Segmentation(FrozenBackboneModule):
         self.val_miou = MulticlassJaccardIndex(num_classes, ignore_index=IGNORE_INDEX, average="macro")
         self.val_pixel_accuracy = MulticlassAccuracy(num_classes, ignore_index=IGNORE_INDEX, average="micro")
 
+    def setup(self, stage: str) -> None:
+        self._synchronise_head_norm()
+
+    def _synchronise_head_norm(self) -> None:
+        """Under multi-GPU DDP the head's BatchNorm becomes a SyncBatchNorm (upstream's head), so its statistics
+        cover the global batch; only the head's norm: the frozen backbone's norms stay as they are. Lightning's
+        ``Trainer(sync_batchnorm=True)`` is not needed (it would convert the frozen backbone's norms too, which stay
+        in eval() and then use their running statistics, unchanged). SyncBatchNorm needs GPUs: CPU processes keep
+        a per-process BatchNorm."""
+        trainer = self._trainer
+        if trainer is None or trainer.world_size < 2 or isinstance(self.head.norm, nn.SyncBatchNorm):
+            return
+        if not isinstance(self.head.norm, nn.BatchNorm2d):
+            return
+        if trainer.strategy.root_device.type == "cpu":
+            rank_zero_warn(
+                "Segmentation: SyncBatchNorm needs GPUs; on CPU each process's head BatchNorm normalises its own batch"
+            )
+            return
+        self.head.norm = nn.SyncBatchNorm.convert_sync_batchnorm(self.head.norm)
+
     # ------------------------------------------------------------------------------------ forward
     def forward(self, images: Tensor) -> Tensor:
         """Logits ``[B, C, H, W]`` at the image size. Sizes that are not multiples of the patch size are padded
@@ -134,20 +158,38 @@ class Segmentation(FrozenBackboneModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["images"]))
         return loss
 
+    def label_logits(self, images: Tensor, image_sizes: Tensor, mask_sizes: Tensor) -> list[Tensor]:
+        """Evaluation logits ``[1, C, H, W]`` per image at its label map's size: each image is predicted without
+        the batch's padding (``image_sizes``: its own size) and its logits are resized bilinearly to its label
+        (``mask_sizes``), which keeps its original resolution, as upstream measures mIoU."""
+        logits = []
+        for image, (height, width), label_size in zip(images, image_sizes.tolist(), mask_sizes.tolist(), strict=True):
+            predicted = self.predict_logits(image[None, :, :height, :width])
+            logits.append(upsample_logits(predicted, tuple(label_size)))
+        return logits
+
     def _evaluate(self, batch: dict, stage: str, batch_idx: int) -> None:
-        masks = batch["masks"]
-        logits = upsample_logits(self.predict_logits(batch["images"]), tuple(masks.shape[-2:]))
-        predictions = logits.argmax(dim=1)
-        self.val_miou.update(predictions, masks)
-        self.val_pixel_accuracy.update(predictions, masks)
+        images, masks = batch["images"], batch["masks"]
+        full = lambda size: torch.tensor([list(size)] * len(images))
+        image_sizes = batch.get("image_sizes", full(images.shape[-2:]))
+        mask_sizes = batch.get("mask_sizes", full(masks.shape[-2:]))
+        loss_sum = images.new_zeros(())
+        predictions = torch.full_like(masks, IGNORE_INDEX)
+        for i, logits in enumerate(self.label_logits(images, image_sizes, mask_sizes)):
+            height, width = mask_sizes[i].tolist()
+            mask = masks[i : i + 1, :height, :width]
+            prediction = logits.argmax(dim=1)
+            self.val_miou.update(prediction, mask)
+            self.val_pixel_accuracy.update(prediction, mask)
+            loss_sum = loss_sum + F.cross_entropy(logits, mask, ignore_index=IGNORE_INDEX, reduction="sum")
+            predictions[i, :height, :width] = prediction[0]
         # Logged on every batch (every DDP rank must log the same keys); an all-ignore batch counts as loss 0.
         # Epoch-level only: the eval sampler gives ranks unequal numbers of batches, so a per-step sync_dist
         # (an all-reduce per batch) would wait forever on the rank that has one batch more.
-        labelled = masks.ne(IGNORE_INDEX).sum().clamp(min=1)
-        loss = F.cross_entropy(logits, masks, ignore_index=IGNORE_INDEX, reduction="sum") / labelled
+        loss = loss_sum / masks.ne(IGNORE_INDEX).sum().clamp(min=1)
         self.log(f"{stage}/loss", loss, batch_size=len(masks), on_step=False, on_epoch=True, sync_dist=True)
         if stage == "val" and batch_idx == 0:
-            self._log_overlay(batch["images"], masks, predictions)
+            self._log_overlay(images, image_sizes, mask_sizes, masks, predictions)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._evaluate(batch, "val", batch_idx)
@@ -170,12 +212,21 @@ class Segmentation(FrozenBackboneModule):
     def on_test_epoch_end(self) -> None:
         self._log_epoch_metrics("test")
 
-    def _log_overlay(self, images: Tensor, masks: Tensor, predictions: Tensor) -> None:
+    def _log_overlay(
+        self, images: Tensor, image_sizes: Tensor, mask_sizes: Tensor, masks: Tensor, predictions: Tensor
+    ) -> None:
         experiment = self.image_writer(self.hparams.log_images_every_n_epochs)
         if experiment is None:
             return
         count = self.hparams.num_log_images
-        grid = segmentation_overlay(images[:count], masks[:count], predictions[:count], self.num_classes)
+        # Drawn at the label's size: each (resized) image brought back to it, the batch padding left black.
+        shown = images.new_zeros((min(count, len(images)), 3, *masks.shape[-2:]))
+        for i, ((height, width), (label_height, label_width)) in enumerate(
+            zip(image_sizes[:count].tolist(), mask_sizes[:count].tolist(), strict=True)
+        ):
+            image = upsample_logits(images[i : i + 1, :, :height, :width], (label_height, label_width))
+            shown[i, :, :label_height, :label_width] = image[0]
+        grid = segmentation_overlay(shown, masks[:count], predictions[:count], self.num_classes)
         experiment.add_image("val/segmentation", grid, global_step=self.global_step)
 
     # ------------------------------------------------------------------------------------ optimisation
