@@ -34,6 +34,8 @@ __all__ = [
     "NEGATIVE",
     "PROTOCOLS",
     "average_precision",
+    "mean_scores",
+    "per_query_scores",
     "precision_at_k",
     "rank_by_cosine",
     "relevance_from_labels",
@@ -106,16 +108,17 @@ def relevance_from_labels(query_labels: Tensor, bank_labels: Tensor) -> Tensor:
     return torch.where(same, EASY, NEGATIVE).to(torch.uint8)
 
 
-def revisited_scores(
+def per_query_scores(
     ranking: Tensor,
     relevance: Tensor,
     protocols: Sequence[str] = ("easy", "medium", "hard"),
     ks: Sequence[int] = (1, 5, 10),
 ) -> dict[str, Tensor]:
-    """mAP and mean precision at each k of the revisited protocols: ``{"mAP_medium": ..., "mP@5_hard": ...}``.
+    """Per-query AP and precision at each k of the revisited protocols, ``{"AP_medium": [Q], "P@5_hard": [Q], ...}``
+    (NaN for a query without positives in that protocol).
 
     ``ranking`` [Q, N]: bank indices per query, best first (every bank index once). ``relevance`` [Q, N]: codes per
-    (query, bank index). Means are over the queries that have positives in that protocol (NaN when none has).
+    (query, bank index).
     """
     if ranking.shape != relevance.shape:
         raise ValueError(
@@ -130,7 +133,25 @@ def revisited_scores(
         positive_codes, ignored_codes = PROTOCOLS[name]
         positive = torch.isin(ranked, torch.tensor(positive_codes, device=ranked.device))
         ignored = torch.isin(ranked, torch.tensor(ignored_codes, device=ranked.device))
-        scores[f"mAP_{name}"] = average_precision(positive, ignored).nanmean()
+        scores[f"AP_{name}"] = average_precision(positive, ignored)
         for k in ks:
-            scores[f"mP@{k}_{name}"] = precision_at_k(positive, ignored, k).nanmean()
+            scores[f"P@{k}_{name}"] = precision_at_k(positive, ignored, k)
     return scores
+
+
+def mean_scores(per_query: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``per_query_scores`` averaged over the queries that have positives: ``{"mAP_medium": ..., "mP@5_hard": ...}``
+    (NaN when no query has any)."""
+    return {f"m{name}": values.nanmean() for name, values in per_query.items()}
+
+
+def revisited_scores(
+    ranking: Tensor,
+    relevance: Tensor,
+    protocols: Sequence[str] = ("easy", "medium", "hard"),
+    ks: Sequence[int] = (1, 5, 10),
+) -> dict[str, Tensor]:
+    """mAP and mean precision at each k of the revisited protocols: ``{"mAP_medium": ..., "mP@5_hard": ...}``,
+    means over the queries that have positives in that protocol (NaN when none has); arguments as
+    ``per_query_scores``."""
+    return mean_scores(per_query_scores(ranking, relevance, protocols, ks))

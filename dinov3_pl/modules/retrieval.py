@@ -8,7 +8,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dinov3_pl.metrics.retrieval import rank_by_cosine, relevance_from_labels, revisited_scores
+from dinov3_pl.metrics.retrieval import (
+    PROTOCOLS,
+    mean_scores,
+    per_query_scores,
+    rank_by_cosine,
+    relevance_from_labels,
+)
 from dinov3_pl.modules.bank_query import BankQueryEvaluation
 from dinov3_pl.modules.frozen import FeatureType
 
@@ -83,24 +89,36 @@ class Retrieval(BankQueryEvaluation):
 
     def compute(self) -> dict[str, Tensor]:
         bank, queries = self.gathered_bank(), self.gathered_queries()
-        ranking = rank_by_cosine(queries["features"], bank["features"], self.query_chunk_size)
-        if "relevance" in queries:
-            relevance = queries["relevance"]
-            if int(bank["indices"].max()) >= relevance.shape[1]:
+        with_ground_truth = "relevance" in queries
+        if with_ground_truth:
+            if int(bank["indices"].max()) >= queries["relevance"].shape[1]:
                 raise ValueError(
                     f"the database has {len(bank['indices'])} images with indices up to {int(bank['indices'].max())}, "
-                    f"but the queries' relevance rows cover {relevance.shape[1]}: database and queries must come from "
-                    "the same ground truth"
+                    f"but the queries' relevance rows cover {queries['relevance'].shape[1]}: database and queries "
+                    "must come from the same ground truth"
                 )
-            # Columns are database indices; the gathered rows may be a part of the database (limited batches).
-            return revisited_scores(ranking, relevance.index_select(1, bank["indices"]), ks=self.ks)
-        for name, labels in (("database", bank["labels"]), ("queries", queries["labels"])):
-            if bool((labels < 0).any()):
-                raise ValueError(
-                    f"the {name} has unlabelled images (label -1): labelled retrieval needs a label on every image, "
-                    "or queries with a 'relevance' ground truth (RevisitedDataset)"
-                )
-        scores = revisited_scores(
-            ranking, relevance_from_labels(queries["labels"], bank["labels"]), protocols=("easy",), ks=self.ks
-        )
+        else:
+            for name, labels in (("database", bank["labels"]), ("queries", queries["labels"])):
+                if bool((labels < 0).any()):
+                    raise ValueError(
+                        f"the {name} has unlabelled images (label -1): labelled retrieval needs a label on every "
+                        "image, or queries with a 'relevance' ground truth (RevisitedDataset)"
+                    )
+        protocols = tuple(PROTOCOLS) if with_ground_truth else ("easy",)
+        bank_features = torch.nn.functional.normalize(bank["features"].float(), dim=1)
+        parts: dict[str, list[Tensor]] = {}
+        # Chunks of queries: only query_chunk_size x database similarities and ranks live at once.
+        for start in range(0, len(queries["indices"]), self.query_chunk_size):
+            chunk = slice(start, start + self.query_chunk_size)
+            ranking = rank_by_cosine(queries["features"][chunk], bank_features)
+            if with_ground_truth:
+                # Columns are database indices; the gathered rows may be a part of the database (limited batches).
+                relevance = queries["relevance"][chunk].index_select(1, bank["indices"])
+            else:
+                relevance = relevance_from_labels(queries["labels"][chunk], bank["labels"])
+            for name, values in per_query_scores(ranking, relevance, protocols, self.ks).items():
+                parts.setdefault(name, []).append(values)
+        scores = mean_scores({name: torch.cat(values) for name, values in parts.items()})
+        if with_ground_truth:
+            return scores
         return {name.removesuffix("_easy"): value for name, value in scores.items()}
