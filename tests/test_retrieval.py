@@ -366,6 +366,11 @@ def test_unlabelled_queries_without_ground_truth_are_one_clear_error(oxford):
     with pytest.raises(ValueError, match=r"needs 'labels' in the queries batches \(or 'relevance'"):
         model.update(torch.randn(1, 4), {"indices": torch.tensor([0])}, False)
     assert isinstance(model, BankQueryEvaluation) and model.metric_prefix == "retrieval"
+    images = {"images": torch.zeros(1, 3, 24, 36), "indices": torch.tensor([0])}
+    with pytest.raises(
+        ValueError, match=r"a 24x36 image is not made of whole 8-pixel patches: set the data's size_mul"
+    ):
+        model.batch_features(images, "val")
     with pytest.raises(ValueError, match="ks must be a non-empty list of cut-offs >= 1"):
         Retrieval(backbone_kwargs=TINY, ks=[0])
 

@@ -72,6 +72,15 @@ class Retrieval(BankQueryEvaluation):
         self.ks = tuple(int(k) for k in ks)
         self.query_chunk_size = int(query_chunk_size)
 
+    def batch_features(self, batch: dict[str, Any], stage: str, dataloader_idx: int = 0) -> Tensor:
+        height, width = batch["images"].shape[-2:]
+        if height % self.patch_size or width % self.patch_size:
+            raise ValueError(
+                f"a {height}x{width} image is not made of whole {self.patch_size}-pixel patches: set the data's "
+                f"size_multiple to the backbone's patch size ({self.patch_size})"
+            )
+        return super().batch_features(batch, stage, dataloader_idx)
+
     def update(self, features: Tensor, batch: dict[str, Any], is_bank: bool) -> None:
         """Keeps features and labels of the database, features and ``relevance`` (else labels) of the queries."""
         if "indices" not in batch:
