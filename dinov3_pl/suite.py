@@ -26,7 +26,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +45,8 @@ __all__ = [
     "compare_tables",
     "load_suite",
     "main",
+    "make_backbone",
+    "read_results",
     "run_suite",
 ]
 
@@ -299,7 +301,9 @@ def _logged_metrics(trainer: Any) -> dict[str, float]:
     return metrics
 
 
-def _run_task(task: Task, backbone: Backbone, settings: Sequence[str], folder: Path, log) -> dict[str, Any]:
+def _run_task(
+    task: Task, backbone: Backbone, settings: Sequence[str], folder: Path, log: Callable[[str], None]
+) -> dict[str, Any]:
     spec = _spec(task, backbone, settings)
     _check_same_run(task, folder, spec)
     result_file = folder / RESULT_FILE
@@ -376,13 +380,17 @@ def _reported(task: Task, result: dict[str, Any]) -> list[dict[str, Any]]:
     return [{"key": m.key, "label": m.label, "percent": m.percent, "value": metrics[m.key]} for m in task.metrics]
 
 
+def _print_now(line: str) -> None:
+    print(line, flush=True)  # progress lines appear as they happen, also when stdout is a file
+
+
 def run_suite(
     suite: str | Path,
     backbone: Backbone,
     output: str | Path,
     only: Sequence[str] | None = None,
     settings: Sequence[str] = (),
-    log=print,
+    log: Callable[[str], None] = _print_now,
 ) -> dict[str, Any]:
     """Runs (or reads back) every task of ``suite`` for ``backbone`` in ``output``; writes and returns its results.
 

@@ -208,10 +208,11 @@ def test_a_folder_of_another_backbone_is_refused(workspace, capsys):
 def test_compare_puts_two_result_folders_in_one_table_equal_to_direct_runs(workspace, capsys):
     tmp_path, checkpoint = workspace
     suite = write_suite(tmp_path / "suite.yaml", {"knn": KNN})
+    setting = "data.init_args.val.init_args.num_samples=24"  # for every task, over the task's own 32
     for name, extra in (("teacher", []), ("random", ["--random-init"])):
-        console_main(
-            ["evaluate", "--suite", str(suite), "--weights", str(checkpoint), *extra, "--output", str(tmp_path / name)]
-        )
+        output = str(tmp_path / name)
+        command = ["--suite", str(suite), "--weights", str(checkpoint), *extra, "--output", output, "--set", setting]
+        console_main(["evaluate", *command])
     capsys.readouterr()
     console_main(
         ["evaluate", "--compare", str(tmp_path / "teacher"), str(tmp_path / "random"), "--output", str(tmp_path)]
@@ -220,15 +221,15 @@ def test_compare_puts_two_result_folders_in_one_table_equal_to_direct_runs(works
     assert table == (tmp_path / "comparison.md").read_text() + "\n"
 
     # Independently: the config run directly with the checkpoint, and with its architecture and no weights.
-    knn = ["validate", "--config", KNN["config"], *suite_module.Task("knn", **KNN).cli_arguments()[3:]]
-    teacher = cli_main(
-        [
-            *knn,
-            f"--model.init_args.weights={checkpoint}",
-            "--model.init_args.arch=null",
-            "--model.init_args.backbone_kwargs=null",
-        ]
-    ).trainer.callback_metrics
+    knn = [
+        "validate",
+        "--config",
+        KNN["config"],
+        *(suite_module._cli_argument(k, v) for k, v in KNN["overrides"].items()),
+    ]
+    knn.append(f"--{setting}")
+    pretrained = ["--model.init_args.arch=null", "--model.init_args.backbone_kwargs=null"]
+    teacher = cli_main([*knn, *pretrained, f"--model.init_args.weights={checkpoint}"]).trainer.callback_metrics
     random = cli_main([*knn, f"--model.init_args.backbone_kwargs={json.dumps(TINY)}"]).trainer.callback_metrics
     lines = table.splitlines()
     assert lines[0] == "| task | metric | teacher | random | teacher − random |"
@@ -236,3 +237,4 @@ def test_compare_puts_two_result_folders_in_one_table_equal_to_direct_runs(works
         first, second = float(teacher[key]), float(random[key])
         assert f"| knn | {label} | {first * 100:.1f}% | {second * 100:.1f}% | {(first - second) * 100:+.1f} |" in lines
     assert f"- random: random init, vit_small_patch16_dinov3 {json.dumps(TINY)} (the architecture of " in table
+    assert f"- teacher settings: --{setting}" in lines
