@@ -20,6 +20,7 @@ from dinov3_pl.modules.video_propagation import (
     normalise_channels,
     propagate_labels,
     propagation_weights,
+    resize_ids,
 )
 from tests.fixtures.benchmarks import voc_palette
 from tests.fixtures.davis import DAVIS_SPLITS, DAVIS_VIDEOS, write_davis
@@ -212,6 +213,15 @@ def test_normalise_channels_as_dinos_norm_mask():
     scores = torch.tensor([[[0.2, 0.6]], [[0.0, 0.0]], [[0.1, 0.05]]])
     out = normalise_channels(scores)
     torch.testing.assert_close(out, torch.tensor([[[0.0, 1.0]], [[0.0, 0.0]], [[1.0, 0.0]]]))
+
+
+def test_ids_resize_as_pils_nearest_filter():
+    """DINO resizes the first annotation to the patch grid and the predictions to the annotation size with PIL's
+    nearest filter; sizes that do not divide too."""
+    ids = np.random.default_rng(0).integers(0, 4, size=(37, 53)).astype(np.uint8)
+    for grid in ((4, 6), (5, 7), (37, 53), (40, 61)):
+        expected = np.asarray(Image.fromarray(ids).resize(grid[::-1], Image.NEAREST))
+        np.testing.assert_array_equal(resize_ids(torch.from_numpy(ids), grid).numpy(), expected)
 
 
 def test_predict_video_follows_a_translated_object_at_full_resolution(monkeypatch):

@@ -39,6 +39,7 @@ __all__ = [
     "normalise_channels",
     "propagate_labels",
     "propagation_weights",
+    "resize_ids",
 ]
 
 
@@ -102,6 +103,12 @@ def propagate_labels(
         context_labels = torch.cat([labels[i] for i in context_ids], dim=1)  # [C, S·N], frame-major like the rows
         labels.append(context_labels @ weights)
     return torch.stack(labels)
+
+
+def resize_ids(ids: Tensor, size: tuple[int, int]) -> Tensor:
+    """Object ids ``[H, W]`` resized to ``size`` by nearest neighbour at pixel centres, as DINO resizes annotations
+    and predictions (PIL's nearest filter; torch's plain "nearest" would take each cell's top-left pixel)."""
+    return F.interpolate(ids[None, None].float(), size=size, mode="nearest-exact")[0, 0].long()
 
 
 def normalise_channels(scores: Tensor) -> Tensor:
@@ -205,8 +212,7 @@ class VideoLabelPropagation(FrozenBackboneModule):
         first = first_mask.to(self.device).long()
         first = torch.where(first == DAVIS_VOID, 0, first)
         num_ids = int(first.max()) + 1
-        # DINO reads the first annotation at patch resolution with PIL's nearest resize (pixel centres).
-        small = F.interpolate(first[None, None].float(), size=grid, mode="nearest-exact")[0, 0].long()
+        small = resize_ids(first, grid)  # DINO's first annotation at patch resolution
         first_labels = F.one_hot(small.flatten(), num_ids).T.float()  # [C, N]
         features = self.frame_features(frames)
         hp = self.hparams
@@ -219,8 +225,7 @@ class VideoLabelPropagation(FrozenBackboneModule):
                 labels.reshape(1, num_ids, *grid), scale_factor=patch, mode="bilinear", align_corners=False
             )[0]
             ids = normalise_channels(scores).argmax(dim=0)
-            ids = F.interpolate(ids[None, None].float(), size=mask_size, mode="nearest-exact")[0, 0]
-            predictions.append(ids.to(torch.uint8))
+            predictions.append(resize_ids(ids, mask_size).to(torch.uint8))
         return torch.stack(predictions)
 
     # ------------------------------------------------------------------------------------ steps
