@@ -408,3 +408,17 @@ def test_training_transform_resizes_crops_and_pads_with_ignore():
     assert resize_short_side(image, 16).shape == (16, 24, 3)  # upstream's FixedSideResize: int(16 * 60 / 40 + 0.5)
     with pytest.raises(ValueError, match="cat_max_ratio must be in"):
         SegmentationTrainTransform(32, cat_max_ratio=0)
+
+
+def test_label_resize_picks_upstreams_pixels():
+    """Training label maps are resized with torch's nearest (pixel floor(i * scale)), as upstream's torchvision Resize
+    on its label tensor; PIL's nearest would pick other pixels. Expected maps from upstream's FixedSideResize
+    (facebookresearch/dinov3 dinov3/eval/segmentation/transforms.py, commit 6876159a), run outside this repository."""
+    mask = (np.arange(35).reshape(5, 7) * 7 % 50).astype(np.uint8)
+    image = np.zeros((5, 7, 3), np.uint8)
+    shrunk = resize_short_side(image, 3, mask)[1]
+    np.testing.assert_array_equal(shrunk, [[0, 7, 21, 35], [49, 6, 20, 34], [47, 4, 18, 32]])
+    grown = resize_short_side(image, 8, mask)[1]
+    assert grown.shape == (8, 11)
+    expected = [[0, 0, 7, 7], [0, 0, 7, 7], [49, 49, 6, 6], [49, 49, 6, 6], [48, 48, 5, 5], [47, 47, 4, 4]]
+    np.testing.assert_array_equal(grown[:6, :4], expected)

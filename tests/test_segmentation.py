@@ -20,7 +20,7 @@ from torchmetrics.classification import MulticlassJaccardIndex
 
 from dinov3_pl.data.scenes import FashionMNISTScenes
 from dinov3_pl.data.segmentation import SegmentationDataModule, SegmentationFolder, SyntheticShapeMasks
-from dinov3_pl.models.dense_heads import LinearSegmentationHead, sliding_window_logits
+from dinov3_pl.models.dense_heads import LinearSegmentationHead, _window_starts, sliding_window_logits
 from dinov3_pl.modules.frozen import lr_factor
 from dinov3_pl.modules.segmentation import Segmentation, colour_palette, segmentation_overlay
 from tests.helpers import fit_one_epoch, logged_image_tags, run_cli
@@ -181,6 +181,17 @@ def test_sliding_window_averages_overlaps():
     assert model.eval().predict_logits(torch.randn(1, 3, 32, 40)).shape == (1, 3, 32, 40)
     with pytest.raises(ValueError, match="multiple of the patch size"):
         Segmentation(num_classes=3, backbone_kwargs=TINY, inference="slide", window_size=12, window_stride=4)
+
+
+@pytest.mark.parametrize(
+    ("length", "window", "stride", "starts"),
+    [(40, 16, 11, [0, 11, 22, 24]), (57, 16, 11, [0, 11, 22, 33, 41]), (683, 512, 341, [0, 171]),
+     (1000, 512, 341, [0, 341, 488]), (512, 512, 341, [0])],
+)  # fmt: skip
+def test_sliding_windows_sit_where_upstreams_do(length, window, stride, starts):
+    """Window offsets of upstream's slide_inference (facebookresearch/dinov3 dinov3/eval/segmentation/inference.py,
+    commit 6876159a; run outside this repository, where its logits also equalled ours on four image sizes)."""
+    assert _window_starts(length, window, stride) == starts
 
 
 def test_lr_schedules():

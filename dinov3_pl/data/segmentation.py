@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from torch.nn import functional as F
 from torch.utils.data import Dataset
 from torchvision.transforms import functional as TF
 
@@ -156,7 +157,11 @@ def resize_short_side(image: np.ndarray, short_side: int, mask: np.ndarray | Non
     resized = np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR))
     if mask is None:
         return resized
-    return resized, np.asarray(Image.fromarray(mask).resize(size, Image.NEAREST))
+    # torch's "nearest" (source pixel floor(i * scale)), as upstream's torchvision Resize on its label tensor; PIL's
+    # nearest samples pixel centres and picks other pixels.
+    labels = torch.from_numpy(np.ascontiguousarray(mask))[None, None].float()
+    labels = F.interpolate(labels, size=size[::-1], mode="nearest")[0, 0]
+    return resized, labels.numpy().astype(mask.dtype)
 
 
 def choose_crop(
