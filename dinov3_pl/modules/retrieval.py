@@ -56,6 +56,10 @@ class Retrieval(BankQueryEvaluation):
         ks: Sequence[int] = (1, 5, 10),
         query_chunk_size: int = 1024,
     ) -> None:
+        if not ks or any(int(k) < 1 for k in ks):
+            raise ValueError(f"ks must be a non-empty list of cut-offs >= 1, got {list(ks)}")
+        if query_chunk_size < 1:
+            raise ValueError(f"query_chunk_size must be at least 1, got {query_chunk_size}")
         super().__init__(
             arch=arch,
             weights=weights,
@@ -65,10 +69,6 @@ class Retrieval(BankQueryEvaluation):
             cache_eval_features=cache_eval_features,
         )
         self.save_hyperparameters()
-        if not ks or any(int(k) < 1 for k in ks):
-            raise ValueError(f"ks must be a non-empty list of cut-offs >= 1, got {list(ks)}")
-        if query_chunk_size < 1:
-            raise ValueError(f"query_chunk_size must be at least 1, got {query_chunk_size}")
         self.ks = tuple(int(k) for k in ks)
         self.query_chunk_size = int(query_chunk_size)
 
