@@ -291,6 +291,11 @@ def test_coco_detection_contiguous_labels_and_xyxy_boxes(tmp_path):
         wanted = expected[Path(sample["path"]).name]
         np.testing.assert_allclose(sample["boxes"], np.asarray(wanted["boxes"], np.float32).reshape(-1, 4))
         assert sample["box_labels"].tolist() == [contiguous[c] for c in wanted["categories"]]
+        np.testing.assert_allclose(sample["box_areas"], wanted["areas"])
+        # Crowd regions apart: training leaves them out, the evaluation ignores detections on them.
+        np.testing.assert_allclose(sample["crowd_boxes"], np.asarray(wanted["crowd_boxes"], np.float32).reshape(-1, 4))
+        assert sample["crowd_labels"].tolist() == [contiguous[c] for c in wanted["crowd_categories"]]
+    assert sum(len(dataset[index]["crowd_boxes"]) for index in range(len(dataset))) == 1
     write_coco(tmp_path / "y2014", "train", 2014)
     assert len(COCODetection(tmp_path / "y2014", "train", year=2014)) == 3
 

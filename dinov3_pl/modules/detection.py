@@ -110,8 +110,11 @@ class Detection(FrozenBackboneModule):
     Only the pyramid, RPN and RoI heads train; the ViT stays frozen and in ``eval()``. Batches are
     ``{"images": [B,3,H,W] (ImageNet-normalised), "targets": [{"boxes": xyxy pixels, "labels": 0..C-1}]}``
     (``DetectionDataModule``); torchvision's background class is added internally (``num_classes + 1``) and
-    predictions come back with labels 0..C-1. Metrics: COCO mAP@[.5:.95], mAP50, mAP75, mAR100 and mAP by box
-    size (``mAP_small`` / ``_medium`` / ``_large``, logged for the sizes present) (torchmetrics
+    predictions come back with labels 0..C-1. Evaluation batches carry their targets in original image pixels (with
+    ``iscrowd`` and COCO's ``area``) and each image's resize factors: predictions are mapped back to the original
+    image before the metric, crowd regions are ignored and the size split reads COCO's areas, as COCO's own
+    evaluation (checked against pycocotools' COCOeval). Metrics: COCO mAP@[.5:.95], mAP50, mAP75, mAR100 and mAP
+    by object size (``mAP_small`` / ``_medium`` / ``_large``, logged for the sizes present) (torchmetrics
     ``MeanAveragePrecision``, ``faster_coco_eval`` backend, falling back to ``pycocotools``).
 
     Args:
