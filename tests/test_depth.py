@@ -251,6 +251,20 @@ def test_forward_centre_pads_and_flip_tta_is_mirror_symmetric():
         torch.testing.assert_close(model.predict_depth(images, flip=True), (plain + mirrored) / 2)
 
 
+def test_training_loss_counts_measured_pixels_only():
+    torch.manual_seed(0)
+    model = LinearDepth(backbone_kwargs=TINY, sigloss_warmup_steps=0, gradient_loss_weight=0.5).eval()
+    images, depths = torch.randn(2, 3, 32, 32), torch.rand(2, 32, 32) * 5 + 0.5
+    depths[:, :, :12] = 0.0  # no measurement: log(0 + eps) would dominate the loss if counted
+    with torch.no_grad():
+        loss = model.training_step({"images": images, "depths": depths}, 0)
+        prediction = model(images)[:, 0]
+    measured = depths.numpy() > 0
+    g = np.log(prediction.double().numpy()[measured] + 1e-3) - np.log(depths.double().numpy()[measured] + 1e-3)
+    expected = math.sqrt(g.var(ddof=1) + 0.15 * g.mean() ** 2) + 0.5 * GradientLoss()(prediction, depths, depths > 0)
+    assert loss.item() == pytest.approx(float(expected), rel=1e-5)
+
+
 def test_tiny_fit_lowers_the_rmse():
     L.seed_everything(0)
     data = DepthDataModule(
