@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from unittest import mock
 
 import lightning as L
 import numpy as np
@@ -16,7 +17,7 @@ import yaml
 
 from dinov3_pl.data.depth import DepthDataModule, NYUDepthV2, SyntheticDepth, depth_collate
 from dinov3_pl.losses.depth import GradientLoss, SigLoss
-from dinov3_pl.metrics.depth import DepthMetrics, depth_valid_mask
+from dinov3_pl.metrics.depth import DEPTH_METRIC_NAMES, DepthMetrics, depth_valid_mask
 from dinov3_pl.modules.depth import LinearDepth, LinearDepthHead, WarmupOneCycle, bins_to_depth
 from tests.fixtures.nyu import NYU_FIXTURE_SIZE, write_nyu
 from tests.helpers import run_cli
@@ -265,7 +266,7 @@ def test_training_loss_counts_measured_pixels_only():
     assert loss.item() == pytest.approx(float(expected), rel=1e-5)
 
 
-def test_tiny_fit_lowers_the_rmse():
+def test_tiny_fit_lowers_the_rmse_and_test_uses_flip_tta():
     L.seed_everything(0)
     data = DepthDataModule(
         train=SyntheticDepth(64, 32, 0), val=SyntheticDepth(16, 32, 99), image_size=32, batch_size=8, colour_prob=0.0
@@ -282,6 +283,11 @@ def test_tiny_fit_lowers_the_rmse():
     after = trainer.callback_metrics["val/rmse"].item()
     assert after < 0.75 * before, (before, after)
     assert all(torch.equal(v, backbone_before[k]) for k, v in model.backbone.state_dict().items())
+    flips = []
+    with mock.patch.object(model, "predict_depth", wraps=lambda images, flip: flips.append(flip) or model(images)):
+        tested = trainer.test(model, data, verbose=False)[0]
+        trainer.validate(model, data, verbose=False)
+    assert flips == [True, True, False, False] and set(tested) == {f"test/{name}" for name in DEPTH_METRIC_NAMES}
 
 
 # ------------------------------------------------------------------------------------------------ configs
