@@ -26,7 +26,14 @@ from dinov3_pl.metrics.depth import DEPTH_METRIC_NAMES, DepthMetrics
 from dinov3_pl.modules.frozen import FrozenBackboneModule, lr_factor
 from dinov3_pl.modules.segmentation import denormalise
 
-__all__ = ["LinearDepth", "LinearDepthHead", "WarmupOneCycle", "bins_to_depth", "one_cycle_lr_and_beta1"]
+__all__ = [
+    "LinearDepth",
+    "LinearDepthHead",
+    "WarmupOneCycle",
+    "bins_to_depth",
+    "depth_overlay",
+    "one_cycle_lr_and_beta1",
+]
 
 BinSpacing = Literal["linear", "log"]
 
