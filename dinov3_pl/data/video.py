@@ -144,7 +144,7 @@ class SyntheticVideos(Dataset):
     """
 
     def __init__(
-        self, num_videos: int = 8, num_frames: int = 8, image_size: int = 64, max_objects: int = 3, seed: int = 0
+        self, num_videos: int = 8, num_frames: int = 8, image_size: int = 96, max_objects: int = 3, seed: int = 0
     ) -> None:
         if num_frames < 3:
             raise ValueError(
@@ -281,7 +281,7 @@ _NOT_HYPERPARAMETERS = ["val", "test"]
 class VideoDataModule(pl.LightningDataModule):
     """Evaluation data of whole videos for label propagation (``VideoLabelPropagation``): ``val`` and optional
     ``test`` (None: ``val``) video datasets (YAML: ``class_path``), e.g. :class:`DAVIS2017`; none of them: the
-    embedded :class:`SyntheticVideos` (8 videos of 8 frames, 64 px).
+    embedded :class:`SyntheticVideos` (8 videos of 8 frames, 96 px).
 
     Args:
         val, test: the video datasets.
