@@ -147,7 +147,8 @@ def test_miou_is_measured_at_the_original_label_resolution():
 
     def predict_logits(images):  # logits that differ across the image, at its (resized) size
         seen.append(tuple(images.shape[-2:]))
-        produced.append(torch.randn(1, 3, *images.shape[-2:], generator=torch.Generator().manual_seed(len(seen))))
+        generator = torch.Generator().manual_seed(len(seen))
+        produced.append(torch.randn(len(images), 3, *images.shape[-2:], generator=generator))
         return produced[-1]
 
     model.predict_logits = predict_logits
@@ -159,6 +160,12 @@ def test_miou_is_measured_at_the_original_label_resolution():
         resized = nn.functional.interpolate(logits, size=label.shape[-2:], mode="bilinear", align_corners=False)
         reference.update(resized.argmax(1), label)
     assert model.val_miou.compute().item() == pytest.approx(reference.compute().item(), abs=1e-7)
+    # Images of one size (no padding) go through in one batched forward; the labels still take their own sizes.
+    seen.clear()
+    resized = model.label_logits(
+        torch.zeros(2, 3, 16, 24), torch.tensor([[16, 24]] * 2), torch.tensor([[5, 7], [9, 4]])
+    )
+    assert seen == [(16, 24)] and [tuple(r.shape) for r in resized] == [(1, 3, 5, 7), (1, 3, 9, 4)]
 
 
 def test_miou_leaves_out_classes_absent_from_labels_and_predictions():

@@ -162,11 +162,16 @@ class Segmentation(FrozenBackboneModule):
         """Evaluation logits ``[1, C, H, W]`` per image at its label map's size: each image is predicted without
         the batch's padding (``image_sizes``: its own size) and its logits are resized bilinearly to its label
         (``mask_sizes``), which keeps its original resolution, as upstream measures mIoU."""
-        logits = []
-        for image, (height, width), label_size in zip(images, image_sizes.tolist(), mask_sizes.tolist(), strict=True):
-            predicted = self.predict_logits(image[None, :, :height, :width])
-            logits.append(upsample_logits(predicted, tuple(label_size)))
-        return logits
+        sizes = image_sizes.tolist()
+        if all(tuple(size) == tuple(images.shape[-2:]) for size in sizes):  # no padding: one batched forward
+            predicted = list(self.predict_logits(images)[:, None])
+        else:
+            predicted = [
+                self.predict_logits(image[None, :, :h, :w]) for image, (h, w) in zip(images, sizes, strict=True)
+            ]
+        return [
+            upsample_logits(logits, tuple(size)) for logits, size in zip(predicted, mask_sizes.tolist(), strict=True)
+        ]
 
     def _evaluate(self, batch: dict, stage: str, batch_idx: int) -> None:
         images, masks = batch["images"], batch["masks"]
