@@ -29,7 +29,17 @@ from dinov3_pl.data.decode import image_to_rgb
 from dinov3_pl.data.samplers import ShardedEvalSampler
 from dinov3_pl.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
-__all__ = ["IGNORE_INDEX", "IMAGENET_MEAN", "IMAGENET_STD", "DenseDataModule", "rgb_image", "to_chw"]
+__all__ = [
+    "IGNORE_INDEX",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "CheckedSplit",
+    "DenseDataModule",
+    "positive_count",
+    "readable",
+    "rgb_image",
+    "to_chw",
+]
 
 IGNORE_INDEX = 255
 
@@ -53,6 +63,7 @@ def __getattr__(name: str) -> Any:
 
 
 def positive_count(value: object, what: str) -> int:
+    """``value`` as a class count (a positive int), else one error naming ``what``."""
     if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
         raise ValueError(f"{what} must be a positive number of classes, got {value!r}")
     return int(value)
@@ -126,8 +137,8 @@ class DenseDataModule(pl.LightningDataModule):
     A subclass sets ``kind`` (a word for messages), ``collate`` and ``synthetic_dataset``, implements
     ``_transforms`` (train, eval), calls ``save_hyperparameters(ignore=_NOT_HYPERPARAMETERS)`` (the loaders read
     ``batch_size``, ``val_batch_size`` and ``num_workers`` from it) and passes its datasets to ``_take_datasets`` in
-    ``__init__``. A task whose samples are neither masks nor boxes overrides ``transformed_dataset``, which applies
-    a transform to one split and checks its samples."""
+    ``__init__``, and implements ``transformed_dataset`` (one split with its transform applied and its samples
+    checked; ``CheckedSplit`` with a task's ``convert`` is the usual answer)."""
 
     kind: str
     collate: Callable[[Sequence[dict]], dict]
