@@ -399,9 +399,9 @@ def run_suite(
     """
     tasks = load_suite(suite, only)
     output = Path(output)
-    for task in tasks:
-        if not (output / task.name / RESULT_FILE).exists():
-            _check_arguments(task, backbone, settings)
+    pending = [task for task in tasks if not (output / task.name / RESULT_FILE).exists()]
+    for task in pending[1:]:  # the first one parses its command line first thing anyway
+        _check_arguments(task, backbone, settings)
     results: dict[str, Any] = {}
     for task in tasks:
         result = _run_task(task, backbone, settings, output / task.name, log)

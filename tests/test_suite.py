@@ -172,7 +172,7 @@ def run_command(capsys, arguments: list[str]) -> list[str]:
 )
 def test_a_bad_task_entry_is_one_line_before_anything_runs(workspace, monkeypatch, capsys, change, expected):
     tmp_path, checkpoint = workspace
-    suite = write_suite(tmp_path / "suite.yaml", {"knn": {**KNN, **change}})
+    suite = write_suite(tmp_path / "suite.yaml", {"first": KNN, "knn": {**KNN, **change}})
     runs = count_runs(monkeypatch)
     lines = run_command(capsys, ["--suite", str(suite), "--weights", str(checkpoint), "--output", str(tmp_path / "o")])
     assert lines[-1].endswith(expected) and runs == []
@@ -195,16 +195,6 @@ def test_an_unknown_metric_key_names_the_logged_ones_and_the_fixed_suite_reuses_
     assert len(runs) == 1 and "| knn | top-1 k=20 |" in capsys.readouterr().out
 
 
-def test_a_folder_of_another_backbone_is_refused(workspace, capsys):
-    tmp_path, checkpoint = workspace
-    suite = write_suite(tmp_path / "suite.yaml", {"knn": KNN})
-    suite_module.run_suite(suite, suite_module.make_backbone("a", str(checkpoint)), tmp_path / "o", log=print)
-    command = ["--suite", str(suite), "--weights", str(checkpoint), "--random-init", "--output", str(tmp_path / "o")]
-    lines = run_command(capsys, command)
-    assert lines[-1].startswith(f"error: task knn: {tmp_path / 'o' / 'knn'} holds a run with another backbone.")
-    assert lines[-1].endswith("give another --output or delete " + str(tmp_path / "o" / "knn") + " to run it again")
-
-
 def test_compare_puts_two_result_folders_in_one_table_equal_to_direct_runs(workspace, capsys):
     tmp_path, checkpoint = workspace
     suite = write_suite(tmp_path / "suite.yaml", {"knn": KNN})
@@ -220,17 +210,18 @@ def test_compare_puts_two_result_folders_in_one_table_equal_to_direct_runs(works
     table = capsys.readouterr().out
     assert table == (tmp_path / "comparison.md").read_text() + "\n"
 
-    # Independently: the config run directly with the checkpoint, and with its architecture and no weights.
+    # Independently: the config run directly with the checkpoint's architecture and no weights (the teacher's column
+    # is its own result.json, whose run got the checkpoint: the first test).
     knn = [
         "validate",
         "--config",
         KNN["config"],
         *(suite_module._cli_argument(k, v) for k, v in KNN["overrides"].items()),
+        f"--{setting}",
+        f"--model.init_args.backbone_kwargs={json.dumps(TINY)}",
     ]
-    knn.append(f"--{setting}")
-    pretrained = ["--model.init_args.arch=null", "--model.init_args.backbone_kwargs=null"]
-    teacher = cli_main([*knn, *pretrained, f"--model.init_args.weights={checkpoint}"]).trainer.callback_metrics
-    random = cli_main([*knn, f"--model.init_args.backbone_kwargs={json.dumps(TINY)}"]).trainer.callback_metrics
+    random = cli_main(knn).trainer.callback_metrics
+    teacher = json.loads((tmp_path / "teacher" / "knn" / "result.json").read_text())["metrics"]
     lines = table.splitlines()
     assert lines[0] == "| task | metric | teacher | random | teacher − random |"
     for label, key in (("top-1 k=10", "knn/top1_k10"), ("top-1 k=20", "knn/top1_k20")):
@@ -238,3 +229,17 @@ def test_compare_puts_two_result_folders_in_one_table_equal_to_direct_runs(works
         assert f"| knn | {label} | {first * 100:.1f}% | {second * 100:.1f}% | {(first - second) * 100:+.1f} |" in lines
     assert f"- random: random init, vit_small_patch16_dinov3 {json.dumps(TINY)} (the architecture of " in table
     assert f"- teacher settings: --{setting}" in lines
+
+    # A folder keeps one backbone's results: another backbone, or the checkpoint retrained in place, is refused.
+    teacher_folder = tmp_path / "teacher"
+    command = ["--suite", str(suite), "--weights", str(checkpoint), "--output", str(teacher_folder), "--set", setting]
+    lines = run_command(capsys, [*command, "--random-init"])
+    assert lines[-1] == (
+        f"error: task knn: {teacher_folder / 'knn'} holds a run with another backbone.arch, backbone.timm_overrides, "
+        f"backbone.weights; give another --output or delete {teacher_folder / 'knn'} to run it again"
+    )
+    os.utime(checkpoint, ns=(checkpoint.stat().st_atime_ns, checkpoint.stat().st_mtime_ns + 1))
+    lines = run_command(capsys, command)
+    assert lines[-1].startswith(
+        f"error: task knn: {teacher_folder / 'knn'} holds a run with another backbone.weights_file"
+    )
