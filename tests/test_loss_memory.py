@@ -90,6 +90,11 @@ def test_soft_cross_entropy_rows_teacher_gradient_and_bad_chunk():
     expected_grads = torch.autograd.grad(expected_rows.sum(), (student, teacher))
     for got, expected in zip(grads, expected_grads, strict=True):
         torch.testing.assert_close(got, expected)
+    # No masked patch at all (M = 0): a zero loss and an empty gradient.
+    empty = torch.zeros(0, 9, requires_grad=True)
+    loss = IBOTPatchLoss(chunk_size=2)(empty, torch.zeros(0, 9), torch.zeros(3, 4, dtype=torch.bool))
+    (grad,) = torch.autograd.grad(loss, empty)
+    assert loss.item() == 0.0 and grad.shape == (0, 9)
     with pytest.raises(ValueError, match="chunk_size must be >= 1"):
         IBOTPatchLoss(chunk_size=0)
     with pytest.raises(ValueError, match="chunk_size must be >= 1"):

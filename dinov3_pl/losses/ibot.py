@@ -57,7 +57,7 @@ class _ChunkedSoftCrossEntropy(torch.autograd.Function):
         student_temp = ctx.student_temp
         chunks = _row_chunks(student_logits.shape[0], ctx.chunk_size)
         # One chunk: its gradient is the whole gradient (no separate [M, K] buffer to copy it into).
-        grad_student = torch.empty_like(student_logits) if len(chunks) > 1 else None
+        grad_student = torch.empty_like(student_logits) if len(chunks) != 1 else None
         with fp32_no_autocast(student_logits.device):
             for start, end in chunks:
                 # A fresh fp32 copy divided in place: one temporary whether the logits are fp32 or bf16.
