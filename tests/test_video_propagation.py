@@ -326,6 +326,29 @@ def test_synthetic_videos_are_seeded_and_keep_every_object_visible():
     assert not np.array_equal(videos[0]["masks"], SyntheticVideos(4, 5, 48, seed=4)[0]["masks"])
 
 
+def video_model() -> VideoLabelPropagation:
+    """The tiny propagation model of the 2-process check (tests/ddp_eval_worker.py builds the same)."""
+    torch.manual_seed(0)
+    return VideoLabelPropagation(backbone_kwargs=TINY_BACKBONE, neighbourhood_size=3)
+
+
+def video_data() -> VideoDataModule:
+    """3 synthetic videos: 2 ranks take 2 and 1 of them."""
+    return VideoDataModule(
+        val=SyntheticVideos(num_videos=3, num_frames=4, image_size=48), short_side=None, size_multiple=8
+    )
+
+
+def test_the_loaders_shard_whole_videos_over_ranks():
+    from dinov3_pl.data.samplers import ShardedEvalSampler
+
+    data = video_data()
+    data.setup("validate")
+    assert isinstance(data.val_dataloader().sampler, ShardedEvalSampler)
+    shards = [list(ShardedEvalSampler(data.val_set, num_replicas=2, rank=rank)) for rank in range(2)]
+    assert shards == [[0, 2], [1]]
+
+
 # ------------------------------------------------------------------------------------------------ CLI
 def test_validate_the_synthetic_config(tmp_path):
     cli = cli_main(
