@@ -214,16 +214,18 @@ def make_backbone(
     random_init: bool = False,
 ) -> Backbone:
     """The backbone of the command line's ``--weights``, ``--arch``, ``--timm-overrides`` and ``--random-init``."""
+    shown = weights  # as the user wrote it, for the tables; the runs and the records use the absolute path
     if weights is not None:
         weights = str(Path(weights).expanduser().resolve())
         if not Path(weights).exists():
-            raise SuiteError(f"--weights {weights}: no such file or folder")
+            raise SuiteError(f"--weights {shown}: no such file or folder")
     if not random_init:
         if weights is None and arch is None:
             return Backbone(name, description="each config's own backbone (random init)")
         if arch is None:  # a dinov3-pl .ckpt records its architecture; other weights fail in the task with a hint
-            return Backbone(name, weights=weights, description=f"weights {weights}")
-        return Backbone(name, weights, arch, timm_overrides, f"weights {weights}, {arch} {timm_overrides or ''}")
+            return Backbone(name, weights=weights, description=f"weights {shown}")
+        overrides = f" {json.dumps(timm_overrides)}" if timm_overrides else ""
+        return Backbone(name, weights, arch, timm_overrides, f"weights {shown}, {arch}{overrides}")
     if arch is None:
         recorded = _recorded_architecture(weights) if weights is not None else None
         if recorded is None:
@@ -234,7 +236,7 @@ def make_backbone(
         arch, timm_overrides = recorded
     description = f"random init, {arch} {json.dumps(timm_overrides or {})}"
     if weights is not None:
-        description += f" (the architecture of {weights})"
+        description += f" (the architecture of {shown})"
     return Backbone(name, None, arch, timm_overrides or {}, description)
 
 
