@@ -209,6 +209,17 @@ def test_propagation_weights_match_dinos_formula():
     assert ((ours > 0).sum(dim=0) == 5).all()
 
 
+def test_propagation_runs_in_float32_under_bf16_autocast():
+    generator = torch.Generator().manual_seed(1)
+    features = torch.randn(4, 20, 16, generator=generator)
+    labels = torch.nn.functional.one_hot(torch.randint(0, 3, (20,), generator=generator), 3).T.float()
+    reference = propagate_labels(features, labels, (4, 5), neighbourhood_size=2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = propagate_labels(features, labels, (4, 5), neighbourhood_size=2)
+    assert mixed.dtype == torch.float32
+    torch.testing.assert_close(mixed, reference)
+
+
 def test_normalise_channels_as_dinos_norm_mask():
     scores = torch.tensor([[[0.2, 0.6]], [[0.0, 0.0]], [[0.1, 0.05]]])
     out = normalise_channels(scores)

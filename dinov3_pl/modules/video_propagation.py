@@ -94,15 +94,18 @@ def propagate_labels(
     frames, patches, _ = features.shape
     if grid[0] * grid[1] != patches:
         raise ValueError(f"grid {grid} has {grid[0] * grid[1]} patches, features have {patches}")
-    features = F.normalize(features.float(), dim=-1)
-    neighbourhood = neighbourhood_mask(*grid, neighbourhood_size, device=features.device)
-    labels = [first_labels.float()]
-    for t in range(1, frames):
-        context_ids = [0, *range(max(1, t - n_last_frames), t)]
-        weights = propagation_weights(features[t], features[context_ids], neighbourhood, topk, temperature)
-        context_labels = torch.cat([labels[i] for i in context_ids], dim=1)  # [C, S·N], frame-major like the rows
-        labels.append(context_labels @ weights)
-    return torch.stack(labels)
+    # float32 even under bf16-mixed validation: bf16's 3 significant digits, divided by the temperature and
+    # exponentiated, would reorder and tie the top-k affinities.
+    with torch.autocast(features.device.type, enabled=False):
+        features = F.normalize(features.float(), dim=-1)
+        neighbourhood = neighbourhood_mask(*grid, neighbourhood_size, device=features.device)
+        labels = [first_labels.float()]
+        for t in range(1, frames):
+            context_ids = [0, *range(max(1, t - n_last_frames), t)]
+            weights = propagation_weights(features[t], features[context_ids], neighbourhood, topk, temperature)
+            context_labels = torch.cat([labels[i] for i in context_ids], dim=1)  # [C, S·N], frame-major as the rows
+            labels.append(context_labels @ weights)
+        return torch.stack(labels)
 
 
 def resize_ids(ids: Tensor, size: tuple[int, int]) -> Tensor:
