@@ -2,5 +2,6 @@
 
 from dinov3_pl.callbacks.pca import PCAFeatureMaps
 from dinov3_pl.callbacks.resume import ExactResume
+from dinov3_pl.callbacks.training_health import TrainingHealth, TrainingHealthWarning
 
-__all__ = ["ExactResume", "PCAFeatureMaps"]
+__all__ = ["ExactResume", "PCAFeatureMaps", "TrainingHealth", "TrainingHealthWarning"]

@@ -51,14 +51,41 @@ NUM_GLOBAL_CROPS = 2
 class PretrainingModule(L.LightningModule):
     """The shared base of pretraining and distillation methods (see the module docstring for the contract).
 
+    ``computes_health_diagnostics``: whether the method fills ``health_diagnostics`` when asked (TrainingHealth).
+
     Args:
         max_consecutive_bad_steps: optimizer steps dropped in a row (non-finite loss or gradient) before training
             stops with an error; dropped steps leave the weights untouched.
         knn_ks, knn_temperature: the online kNN monitor on the DataModule's labelled validation loaders.
+        training_health: install the ``TrainingHealth`` monitor (``dinov3_pl.callbacks.training_health``): ``True``
+            with its defaults, a dict of its arguments, ``False`` off. The method must compute the diagnostics (set
+            ``health_diagnostics`` in ``compute_losses`` when ``collect_health_diagnostics`` is set).
     """
 
-    def __init__(self, max_consecutive_bad_steps: int = 10, knn_ks=(10, 20), knn_temperature: float = 0.07) -> None:
+    computes_health_diagnostics = False
+
+    def __init__(
+        self,
+        max_consecutive_bad_steps: int = 10,
+        knn_ks=(10, 20),
+        knn_temperature: float = 0.07,
+        training_health: bool | dict = False,
+    ) -> None:
         super().__init__()
+        if not isinstance(training_health, bool | dict):
+            raise ValueError(
+                f"training_health must be true, false or a dict of TrainingHealth arguments, got {training_health!r}"
+            )
+        if training_health is not False and not self.computes_health_diagnostics:
+            raise ValueError(
+                f"training_health is not available for {type(self).__name__} (it does not compute the statistics): "
+                "set it to false"
+            )
+        self.training_health = training_health
+        # Set by TrainingHealth on the steps it checks; compute_losses then leaves detached statistics (HealthSums)
+        # in health_diagnostics. Off, nothing extra is computed.
+        self.collect_health_diagnostics = False
+        self.health_diagnostics = None
         self.max_consecutive_bad_steps = max_consecutive_bad_steps
         self.knn_ks, self.knn_temperature = tuple(knn_ks), knn_temperature
         self.consecutive_bad_steps = 0
@@ -104,7 +131,13 @@ class PretrainingModule(L.LightningModule):
     def configure_callbacks(self) -> list[L.Callback]:
         from dinov3_pl.callbacks.resume import ExactResume
 
-        return [ExactResume()]
+        callbacks: list[L.Callback] = [ExactResume()]
+        if self.training_health is not False:
+            from dinov3_pl.callbacks.training_health import TrainingHealth
+
+            options = self.training_health if isinstance(self.training_health, dict) else {}
+            callbacks.append(TrainingHealth(**options))
+        return callbacks
 
     def setup(self, stage: str) -> None:
         strategy = type(self.trainer.strategy).__name__ if self._trainer is not None else ""

@@ -55,7 +55,12 @@ class DINOSSLModule(PretrainingModule):
         max_consecutive_bad_steps: a non-finite loss or gradient drops the optimizer step; after this many in a row
             training stops with an error (dropped steps leave the weights untouched).
         knn_temperature / knn_ks: the online kNN monitor on the DataModule's labelled validation loaders.
+        training_health: the plateau / collapse monitor (``dinov3_pl.callbacks.training_health``, on by default):
+            ``false`` turns it off, a dict sets its arguments (e.g. ``{patience_steps: 500}``); see
+            docs/training_health.md.
     """
+
+    computes_health_diagnostics = True
 
     def __init__(
         self,
@@ -69,6 +74,7 @@ class DINOSSLModule(PretrainingModule):
         max_consecutive_bad_steps: int = 10,
         knn_ks: tuple[int, ...] = (10, 20),
         knn_temperature: float = 0.07,
+        training_health: bool | dict = True,
     ) -> None:
         # Plain dicts are accepted too: that is how `load_from_checkpoint` passes the saved hyper-parameters.
         self.backbone_config = backbone = _config(BackboneConfig, backbone)
@@ -77,7 +83,7 @@ class DINOSSLModule(PretrainingModule):
         self.optim_config = _config(OptimConfig, optim)
         self.gram_config = gram = _config(GramConfig, gram)
         self.head_configs = _config(HeadConfig, dino_head), _config(HeadConfig, ibot_head)
-        super().__init__(max_consecutive_bad_steps, knn_ks, knn_temperature)
+        super().__init__(max_consecutive_bad_steps, knn_ks, knn_temperature, training_health)
         self.save_hyperparameters()
 
         dino_head, ibot_head = self.head_configs
@@ -168,11 +174,31 @@ class DINOSSLModule(PretrainingModule):
             )
         masks = batch["masks"] if self.student.ibot_head is not None else None
         targets = self.teacher.targets(batch["global_crops"], masks, self.teacher_temperature_schedule(step))
-        losses, student_global = self.student.losses(batch, targets, self.local_dino_weight_schedule(step))
+        student_outputs: dict[str, Tensor] | None = {} if self.collect_health_diagnostics else None
+        losses, student_global = self.student.losses(
+            batch, targets, self.local_dino_weight_schedule(step), outputs=student_outputs
+        )
         for name, (weight, term) in self.extra_losses(batch, student_global, step).items():
             losses[name] = term
             losses["loss"] = losses["loss"] + weight * term
+        if student_outputs is not None and "dino_global" in losses:
+            self.health_diagnostics = self._health_sums(losses, targets, student_outputs, student_global, masks)
         return losses
+
+    def _health_sums(self, losses, targets, student_outputs, student_global, masks):
+        """The TrainingHealth statistics of this batch (detached; see dinov3_pl.callbacks.training_health)."""
+        from dinov3_pl.callbacks.training_health import dino_health_sums
+
+        with_ibot = "ibot" in losses and masks is not None
+        return dino_health_sums(
+            dino_loss=losses["dino_global"],
+            target_probs=targets["cls_probs"],
+            student_logits=student_outputs["dino_global_logits"],
+            cls_features=student_global["cls"],
+            ibot_loss=losses["ibot"] if with_ibot else None,
+            masks=masks if with_ibot else None,
+            ibot_prototypes=self.student.ibot_head.last_layer.out_features if with_ibot else None,
+        )
 
     def extra_losses(self, batch: dict, student_global: dict[str, Tensor], step: int) -> dict[str, tuple]:
         """Loss terms beyond DINO / iBOT / KoLeo: ``{name: (weight, term)}``, added to the total and logged.

@@ -135,10 +135,16 @@ class DINOStudent(nn.Module):
         return modules
 
     def losses(
-        self, batch: dict, targets: dict[str, Tensor], local_dino_weight: float = 1.0
+        self,
+        batch: dict,
+        targets: dict[str, Tensor],
+        local_dino_weight: float = 1.0,
+        outputs: dict[str, Tensor] | None = None,
     ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """The loss terms of ``batch`` against ``targets`` (from :meth:`DINOTeacher.targets`) and their weighted
-        sum under ``"loss"``; also returns the student's global-crop outputs (Gram anchoring reads them).
+        sum under ``"loss"``; also returns the student's global-crop outputs (Gram anchoring reads them). A dict
+        given as ``outputs`` receives the student's DINO logits of the global crops (``"dino_global_logits"``
+        [2, B, K], detached), for the training-health statistics.
 
         Upstream weights the DINO terms by their pair counts: 2 global (diagonal skipped) and 2 x n local pairs.
         """
@@ -162,6 +168,8 @@ class DINOStudent(nn.Module):
             dino_logits = self.dino_head(torch.cat([cls_global, cls_local]))
             dino_global = dino_logits[: cls_global.shape[0]].unflatten(0, (NUM_GLOBAL_CROPS, batch_size))
             dino_local = dino_logits[cls_global.shape[0] :].unflatten(0, (num_local_crops, batch_size))
+            if outputs is not None:
+                outputs["dino_global_logits"] = dino_global.detach()
             global_pairs = NUM_GLOBAL_CROPS * (NUM_GLOBAL_CROPS - 1)
             local_pairs = NUM_GLOBAL_CROPS * num_local_crops
             terms["dino_global"] = self.dino_loss(dino_global, targets["cls_probs"], ignore_diagonal=True)
