@@ -317,6 +317,16 @@ def test_data_module_resizes_frames_as_dino_and_keeps_masks(tmp_path):
     assert data.test_dataloader().dataset is data.val_set  # test falls back to val
 
 
+def test_data_module_takes_pil_frames():
+    frames = np.random.default_rng(0).integers(0, 256, size=(3, 16, 24, 3), dtype=np.uint8)
+    video = {"frames": [Image.fromarray(f) for f in frames], "masks": np.zeros((3, 16, 24), np.uint8), "name": "v"}
+    data = VideoDataModule(val=[video], short_side=None)
+    data.setup("validate")
+    batch = next(iter(data.val_dataloader()))
+    np.testing.assert_array_equal(batch["frames"].numpy(), frames)
+    assert batch["name"] == "v" and batch["masks"].shape == (3, 16, 24)
+
+
 def test_data_module_refuses_items_outside_the_contract():
     data = VideoDataModule(val=[{"frames": np.zeros((3, 8, 8, 3), np.uint8)}], short_side=None)
     data.setup("validate")
