@@ -201,7 +201,12 @@ class DistillationModule(_Distillation):
         """One teacher forward for all students; each student's terms under ``<name>/...``, the sum as ``"loss"``."""
         use_ibot = any(student.ibot_head is not None for student in self.students.values())
         masks = batch["masks"] if use_ibot else None
-        targets = self.teacher.targets(batch["global_crops"], masks, self.teacher_temperature_schedule(step))
+        targets = self.teacher.targets(
+            batch["global_crops"],
+            masks,
+            self.teacher_temperature_schedule(step),
+            mask_indices=batch.get("mask_indices"),
+        )
         losses: dict[str, Tensor] = {}
         total = batch["global_crops"].new_zeros(())
         for name, student in self.students.items():

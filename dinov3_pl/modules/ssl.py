@@ -173,7 +173,12 @@ class DINOSSLModule(PretrainingModule):
                 "Trainer give optim.total_steps and optim.lr_scaling='none' and call module._build_schedules() first"
             )
         masks = batch["masks"] if self.student.ibot_head is not None else None
-        targets = self.teacher.targets(batch["global_crops"], masks, self.teacher_temperature_schedule(step))
+        targets = self.teacher.targets(
+            batch["global_crops"],
+            masks,
+            self.teacher_temperature_schedule(step),
+            mask_indices=batch.get("mask_indices"),
+        )
         student_outputs: dict[str, Tensor] | None = {} if self.collect_health_diagnostics else None
         losses, student_global = self.student.losses(
             batch, targets, self.local_dino_weight_schedule(step), outputs=student_outputs

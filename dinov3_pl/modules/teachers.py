@@ -182,7 +182,9 @@ class DINOStudent(nn.Module):
         if with_ibot:
             masked_patches = student_global["patch"].flatten(0, 1).index_select(0, targets["mask_rows"])
             ibot_logits = self.ibot_head(masked_patches)
-            terms["ibot"] = self.ibot_loss(ibot_logits, targets["patch_probs"], masks)
+            # The collate's per-patch weights (made on CPU) spare the loss a boolean-mask select, a host sync.
+            ibot_weights = batch.get("ibot_weights")
+            terms["ibot"] = self.ibot_loss(ibot_logits, targets["patch_probs"], masks, masks_weight=ibot_weights)
             total = total + loss.ibot_weight * terms["ibot"]
         if loss.koleo_weight > 0:
             per_crop = [self.koleo_loss(crop) for crop in cls_global.unflatten(0, (NUM_GLOBAL_CROPS, -1))]
@@ -235,15 +237,19 @@ class DINOTeacher(nn.Module):
             ema_update_module(self, student, momentum)
 
     @torch.no_grad()
-    def targets(self, global_crops: Tensor, masks: Tensor | None, temperature: float) -> dict[str, Tensor]:
+    def targets(
+        self, global_crops: Tensor, masks: Tensor | None, temperature: float, mask_indices: Tensor | None = None
+    ) -> dict[str, Tensor]:
         """Teacher probabilities on the unmasked global crops: ``cls_probs`` [2, B, K] and, with an iBOT head and
-        ``masks``, ``patch_probs`` [M, K] for the M patches the student sees masked (rows ``mask_rows``)."""
+        ``masks``, ``patch_probs`` [M, K] for the M patches the student sees masked (rows ``mask_rows``).
+        ``mask_indices``: the batch's precomputed ``masks.flatten().nonzero()`` (the collate's ``mask_indices``);
+        given, the step has no ``nonzero`` (a host sync with a data-dependent shape) on the device."""
         out = self.backbone(global_crops)
         cls_logits = self.dino_head(out["cls"])
         cls_probs = self._center(cls_logits, temperature, "dino")
         targets = {"cls_probs": cls_probs.unflatten(0, (NUM_GLOBAL_CROPS, -1))}
         if self.ibot_head is not None and masks is not None:
-            mask_rows = masks.flatten().nonzero().squeeze(-1)
+            mask_rows = masks.flatten().nonzero().squeeze(-1) if mask_indices is None else mask_indices
             patch_logits = self.ibot_head(out["patch"].flatten(0, 1).index_select(0, mask_rows))
             targets["patch_probs"] = self._center(patch_logits, temperature, "ibot")
             targets["mask_rows"] = mask_rows
