@@ -11,19 +11,24 @@ from dinov3_pl.data.dense import (
     SegmentationFolder,
     SyntheticShapeMasks,
 )
+from dinov3_pl.data.depth import DepthDataModule, NYUDepthV2, SyntheticDepth
 from dinov3_pl.data.masking import BlockMaskGenerator, IBOTMaskCollator
 from dinov3_pl.data.multicrop import MultiCropDataModule
 from dinov3_pl.data.predict import ImageFolderPredictDataModule
+from dinov3_pl.data.retrieval import RetrievalDataModule, RevisitedDataset
 from dinov3_pl.data.samplers import ShardedEvalSampler
 from dinov3_pl.data.scenes import FashionMNISTScenes
 from dinov3_pl.data.transforms import EvalTransform, MultiCropTransform
+from dinov3_pl.data.video import DAVIS2017, SyntheticVideos, VideoDataModule
 
 __all__ = [
     "ADE20K",
+    "DAVIS2017",
     "BlockMaskGenerator",
     "COCODetection",
     "ClassificationDataModule",
     "CocoDetectionDataset",
+    "DepthDataModule",
     "DetectionDataModule",
     "EvalTransform",
     "FashionMNIST",
@@ -34,11 +39,17 @@ __all__ = [
     "ImageNet",
     "MultiCropDataModule",
     "MultiCropTransform",
+    "NYUDepthV2",
     "PascalVOC",
+    "RetrievalDataModule",
+    "RevisitedDataset",
     "SegmentationDataModule",
     "SegmentationFolder",
     "ShardedEvalSampler",
+    "SyntheticDepth",
     "SyntheticShapeMasks",
     "SyntheticShapes",
+    "SyntheticVideos",
+    "VideoDataModule",
     "read_rgb",
 ]

@@ -2,6 +2,7 @@
 evaluations."""
 
 from dinov3_pl.modules.bank_query import BankQueryEvaluation, IndexedRows
+from dinov3_pl.modules.depth import LinearDepth
 from dinov3_pl.modules.detection import Detection
 from dinov3_pl.modules.distillation import DistillationModule, FeatureDistillationModule
 from dinov3_pl.modules.features import FeatureExtractor
@@ -9,6 +10,7 @@ from dinov3_pl.modules.frozen import FrozenBackboneModule
 from dinov3_pl.modules.knn import KNN
 from dinov3_pl.modules.linear_probe import LinearProbe
 from dinov3_pl.modules.pretraining import PretrainingModule
+from dinov3_pl.modules.retrieval import Retrieval
 from dinov3_pl.modules.segmentation import Segmentation
 from dinov3_pl.modules.ssl import DINOSSLModule
 from dinov3_pl.modules.ssl_config import (
@@ -23,6 +25,7 @@ from dinov3_pl.modules.ssl_config import (
     TeacherConfig,
 )
 from dinov3_pl.modules.teachers import EMA, DINOStudent, DINOTeacher
+from dinov3_pl.modules.video_propagation import VideoLabelPropagation
 
 __all__ = [
     "EMA",
@@ -42,11 +45,14 @@ __all__ = [
     "GramConfig",
     "HeadConfig",
     "IndexedRows",
+    "LinearDepth",
     "LinearProbe",
     "LossConfig",
     "OptimConfig",
     "PretrainingModule",
+    "Retrieval",
     "Segmentation",
     "StudentConfig",
     "TeacherConfig",
+    "VideoLabelPropagation",
 ]
