@@ -445,6 +445,12 @@ def _format(value: float | None, percent: bool) -> str:
     return f"{value * 100:.1f}%" if percent else f"{value:.4g}"
 
 
+def _format_difference(difference: float | None, percent: bool) -> str:
+    if difference is None:
+        return MISSING
+    return f"{difference * 100:+.1f}" if percent else f"{difference:+.3g}"  # points, or the metric's own unit
+
+
 def compare_tables(summaries: Sequence[dict[str, Any]]) -> str:
     """One Markdown table: a row per (task, metric), a column per results (and their difference when two)."""
     names = [summary["name"] for summary in summaries]
@@ -466,7 +472,7 @@ def compare_tables(summaries: Sequence[dict[str, Any]]) -> str:
         if len(summaries) == 2:
             first, second = (found.get((task, key)) for found in values)
             difference = None if first is None or second is None else first - second
-            cells.append(MISSING if difference is None else f"{difference * (100 if percent else 1):+.1f}")
+            cells.append(_format_difference(difference, percent))
         lines.append(f"| {task} | {label} | {' | '.join(cells)} |")
     notes = [f"- {summary['name']}: {summary['backbone']} ({summary['suite']})" for summary in summaries]
     if any(summary.get("settings") for summary in summaries):

@@ -243,3 +243,27 @@ def test_compare_puts_two_result_folders_in_one_table_equal_to_direct_runs(works
     assert lines[-1].startswith(
         f"error: task knn: {teacher_folder / 'knn'} holds a run with another backbone.weights_file"
     )
+
+
+def test_the_table_of_hand_made_results_shows_percentages_raw_values_and_missing_tasks():
+    def summary(name: str, tasks: dict) -> dict:
+        return {
+            "name": name,
+            "backbone": f"{name} weights",
+            "suite": "s.yaml",
+            "tasks": {
+                task: {"reported": [{"key": k, "label": k, "percent": p, "value": v} for k, p, v in rows]}
+                for task, rows in tasks.items()
+            },
+        }
+
+    first = summary("a", {"knn": [("top1", True, 0.5)], "depth": [("rmse", False, 1.2281)]})
+    second = summary("b", {"depth": [("rmse", False, 1.2762)], "video": [("JF", True, 0.25)]})
+    lines = suite_module.compare_tables([first, second]).splitlines()
+    assert lines[:5] == [
+        "| task | metric | a | b | a − b |",
+        "| --- | --- | ---: | ---: | ---: |",
+        "| knn | top1 | 50.0% | — | — |",
+        "| depth | rmse | 1.228 | 1.276 | -0.0481 |",
+        "| video | JF | — | 25.0% | — |",
+    ]
