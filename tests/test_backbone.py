@@ -200,3 +200,20 @@ def test_grad_checkpointing_gives_the_same_gradients():
         grads.append({name: param.grad.clone() for name, param in backbone.named_parameters()})
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], msg=name)
+
+
+def test_timm_overrides_written_as_text_become_numbers():
+    """A free-form dict option from the command line arrives as text ('1e-5'); it must reach timm as a number."""
+    from dinov3_pl.models.weights import numbers_from_text
+
+    assert numbers_from_text({"init_values": "1.0e-5", "depth": "2", "act_layer": "gelu", "x": "-.5"}) == {
+        "init_values": 1e-5,
+        "depth": 2,
+        "act_layer": "gelu",
+        "x": -0.5,
+    }
+    backbone = DINOv3Backbone(
+        "vit_small_patch16_dinov3", depth="1", embed_dim="32", num_heads="2", img_size=16, init_values="1e-5"
+    )
+    assert len(backbone.vit.blocks) == 1
+    assert torch.allclose(backbone.vit.blocks[0].gamma_1, torch.full((32,), 1e-5))

@@ -27,7 +27,12 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from dinov3_pl.models.drop_path import subset_drop_path_block
-from dinov3_pl.models.weights import load_backbone_weights, read_checkpoint, resolve_recorded_architecture
+from dinov3_pl.models.weights import (
+    load_backbone_weights,
+    numbers_from_text,
+    read_checkpoint,
+    resolve_recorded_architecture,
+)
 
 __all__ = ["TIMM_DEFAULTS", "DINOv3Backbone", "init_as_upstream"]
 
@@ -74,7 +79,7 @@ class DINOv3Backbone(nn.Module):
         super().__init__()
         # Read once: the file may record the architecture to build, and is then loaded from memory.
         weights = read_checkpoint(weights) if isinstance(weights, str | Path) else weights
-        arch, timm_overrides = resolve_recorded_architecture(arch, timm_overrides, weights)
+        arch, timm_overrides = resolve_recorded_architecture(arch, numbers_from_text(timm_overrides), weights)
         if "dinov3" not in arch:
             raise ValueError(
                 f"arch must be a timm DINOv3 ViT (vit_*_patch16_dinov3*), got {arch!r}; for other timm models use "

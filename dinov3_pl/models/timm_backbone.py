@@ -21,6 +21,7 @@ from dinov3_pl.models.weights import (
     _check_against,
     _recorded_config,
     _unwrap,
+    numbers_from_text,
     read_checkpoint,
     recorded_backbone_kind,
     resolve_recorded_architecture,
@@ -94,7 +95,7 @@ class TimmBackbone(nn.Module):
     ) -> None:
         super().__init__()
         checkpoint = read_checkpoint(weights) if isinstance(weights, str | Path) else weights
-        arch, timm_overrides = _resolve_architecture(arch, timm_overrides, checkpoint)
+        arch, timm_overrides = _resolve_architecture(arch, numbers_from_text(timm_overrides), checkpoint)
         _check_arch(arch)
         for key, reason in _REFUSED_OVERRIDES.items():
             if key in timm_overrides:

@@ -573,3 +573,19 @@ def build_backbone(
     if recorded_backbone_kind(arch, checkpoint) == "timm":
         return TimmBackbone(arch, weights=checkpoint, **overrides)
     return DINOv3Backbone(arch, weights=checkpoint, **overrides)
+
+
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def numbers_from_text(overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """timm overrides with numbers written as text turned into numbers: a free-form dict option given on the
+    command line (``--...timm_overrides.init_values=1e-5``) reaches us as the string ``'1e-5'``, which timm would
+    pass on to ``fill_`` and fail far from the cause. Other strings (``act_layer: gelu``) are kept."""
+    converted = {}
+    for key, value in overrides.items():
+        if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+            text = value.strip()
+            value = int(text) if text.lstrip("+-").isdigit() else float(text)
+        converted[key] = value
+    return converted
