@@ -6,7 +6,11 @@ import pytest
 
 from dinov3_pl.cli import main as cli_main
 
-CONFIGS = sorted(str(p) for p in Path("configs").rglob("*.yaml") if p.name != "gram_anchoring.yaml")
+# Suite files (configs/suite/) are lists of eval configs, not one CLI config: load_suite checks them below.
+CONFIGS = sorted(
+    str(p) for p in Path("configs").rglob("*.yaml") if p.name != "gram_anchoring.yaml" and p.parent.name != "suite"
+)
+SUITES = sorted(str(p) for p in Path("configs/suite").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("config", CONFIGS)
@@ -15,6 +19,14 @@ def test_config_parses(config, capsys):
         cli_main(["fit", "--config", config, "--print_config"])
     assert exit_info.value.code in (0, None), capsys.readouterr().err
     assert "class_path" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("suite", SUITES)
+def test_suite_loads_with_every_task_checked(suite):
+    """load_suite parses each task's config with its overrides (a typo fails before any task runs)."""
+    from dinov3_pl.suite import load_suite
+
+    assert len(load_suite(suite)) >= 1
 
 
 def test_gram_anchoring_overlays_a_pretraining_recipe(capsys):
