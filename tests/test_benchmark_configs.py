@@ -177,3 +177,49 @@ def test_config_runs_on_its_benchmark_layout(config, request, tmp_path):
     expected = {"knn": ImageNet, "linear": ImageNet, "segmentation": (ADE20K, PascalVOC), "detection": COCODetection}
     assert isinstance(cli.datamodule.datasets["train"], expected[config.split("_")[0]])
     assert metric in cli.trainer.callback_metrics, sorted(cli.trainer.callback_metrics)
+
+
+# ------------------------------------------------------------------------------------------------ video (val only)
+@pytest.fixture(scope="module")
+def davis_root(tmp_path_factory) -> Path:
+    from tests.fixtures.davis import write_davis
+
+    root = tmp_path_factory.mktemp("davis")
+    write_davis(root)
+    return root / "DAVIS"
+
+
+def test_video_davis_config_follows_dinos_protocol():
+    printed = _printed("video_davis")
+    model, data = printed["model"]["init_args"], printed["data"]["init_args"]
+    assert model["arch"] == "vit_small_patch16_dinov3_qkvb" and model["backbone_kwargs"] is None
+    assert model["weights"] == "dinov3_vits16_pretrain_lvd1689m.pth"
+    assert (model["n_last_frames"], model["neighbourhood_size"], model["topk"], model["temperature"]) == (7, 12, 5, 0.1)
+    assert (data["short_side"], data["size_multiple"], data["val"]["init_args"]["split"]) == (480, 64, "val")
+
+
+def test_video_davis_config_runs_on_its_benchmark_layout(davis_root, tmp_path):
+    from dinov3_pl.data.video import DAVIS2017
+
+    cli = cli_main(
+        [
+            "validate",
+            "--config",
+            str(CONFIGS / "video_davis.yaml"),
+            "--model.init_args.weights=null",
+            f"--model.init_args.backbone_kwargs={json.dumps(TINY_BACKBONE)}",
+            f"--data.init_args.val.init_args.root={davis_root}",
+            "--data.init_args.short_side=16",
+            "--data.init_args.size_multiple=8",
+            "--data.init_args.num_workers=0",
+            "--trainer.fast_dev_run=1",
+            "--trainer.logger=false",
+            "--trainer.accelerator=cpu",
+            "--trainer.devices=1",
+            "--trainer.enable_progress_bar=false",
+            "--trainer.enable_model_summary=false",
+            f"--trainer.default_root_dir={tmp_path}",
+        ]
+    )
+    assert isinstance(cli.datamodule.datasets["val"], DAVIS2017)
+    assert "davis/JF_mean" in cli.trainer.callback_metrics
