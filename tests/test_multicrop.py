@@ -83,13 +83,18 @@ def shapes(num_samples: int, seed: int = 0) -> SyntheticShapes:
     return SyntheticShapes(num_samples, image_size=32, seed=seed)
 
 
-def _first_batch(**kwargs) -> dict:
+def _first_batch(transfer: bool = True, **kwargs) -> dict:
+    """The first training batch as the workers send it, and with ``transfer`` as the training step receives it
+    (the DataModule's ``on_after_batch_transfer`` normalises the uint8 crops)."""
     datamodule = MultiCropDataModule(**{**TINY, **kwargs})
     datamodule.setup("fit")
-    return next(iter(datamodule.train_dataloader()))
+    batch = next(iter(datamodule.train_dataloader()))
+    return datamodule.on_after_batch_transfer(batch, 0) if transfer else batch
 
 
 def test_synthetic_train_batch_format():
+    sent = _first_batch(transfer=False, train=shapes(16), gram_size=64)
+    assert all(sent[key].dtype == torch.uint8 for key in ("global_crops", "local_crops", "gram_crops"))
     batch = _first_batch(train=shapes(16), gram_size=64)
     assert batch["global_crops"].shape == (8, 3, 32, 32) and batch["global_crops"].dtype == torch.float32
     assert batch["local_crops"].shape == (8, 3, 16, 16)
@@ -274,7 +279,7 @@ def test_knn_val_loaders_of_given_bank_and_queries():
     # Not longer than knn_bank_size / knn_query_size: used whole, in their order.
     assert datamodule.knn_bank_dataset is datamodule.datasets["knn_bank"]
     bank_loader, query_loader = datamodule.val_dataloader()
-    bank = [batch for batch in bank_loader]
+    bank = [datamodule.on_after_batch_transfer(batch, 0) for batch in bank_loader]
     assert [len(b["labels"]) for b in bank] == [5, 5, 2] and len(query_loader.dataset) == 6
     assert bank[0]["images"].shape == (5, 3, 32, 32) and bank[0]["labels"].dtype == torch.long
     # Eval transform keeps the whole image (resize 32 -> 32): exactly the normalised sample.

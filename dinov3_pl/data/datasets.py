@@ -443,7 +443,12 @@ class ImageFolder(Dataset):
     (``class_names`` lists them). A corrupt, truncated or empty file, or one with more than ``max_image_pixels``
     pixels (``None``: no limit), gives ``None`` with ``on_bad_image="skip"`` (the multi-crop collate drops and
     counts it; a warning names the file and the reason) or raises an error naming the file with ``"raise"``.
+
+    ``draft_min_pixels`` (``None``: full size), set on a copy by ``MultiCropDataModule(jpeg_draft=True)``: JPEGs are
+    decoded at the largest 1/2, 1/4, 1/8 reduction keeping that many pixels (see :func:`read_rgb`).
     """
+
+    draft_min_pixels: int | None = None
 
     def __init__(
         self,
@@ -501,7 +506,7 @@ class ImageFolder(Dataset):
     def __getitem__(self, index: int) -> Sample | None:
         path = self.paths[index]
         try:
-            image = read_rgb(path, max_image_pixels=self.max_image_pixels)
+            image = read_rgb(path, max_image_pixels=self.max_image_pixels, draft_min_pixels=self.draft_min_pixels)
         except ImageTooLargeError as error:
             if self.on_bad_image == "raise":
                 raise

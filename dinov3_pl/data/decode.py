@@ -32,6 +32,10 @@
   above it raises :class:`ImageTooLargeError`, which names the option to raise. A limit stays because a small
   file can declare a canvas of billions of pixels, which PIL allocates before decoding, in every data-loader
   worker.
+- **Reduced-size JPEG decoding** (``draft_min_pixels``, off by default): libjpeg can decode a JPEG at 1/2, 1/4 or
+  1/8 of its size by scaling in the DCT domain, much faster than decoding it whole and shrinking it afterwards.
+  :func:`read_rgb` picks the largest of these reductions whose image still has ``draft_min_pixels`` pixels; it
+  changes nothing for other formats or when no reduction keeps enough pixels.
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-__all__ = ["read_rgb", "image_to_rgb", "ImageTooLargeError", "DEFAULT_MAX_IMAGE_PIXELS", "WHITE"]
+__all__ = ["read_rgb", "image_to_rgb", "jpeg_reduction", "ImageTooLargeError", "DEFAULT_MAX_IMAGE_PIXELS", "WHITE"]
 
 DEFAULT_MAX_IMAGE_PIXELS = 1_000_000_000
 WHITE = (255, 255, 255)
@@ -102,11 +106,15 @@ def read_rgb(
     max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
     background: Sequence[int] = WHITE,
     apply_exif_orientation: bool = True,
+    draft_min_pixels: int | None = None,
 ) -> np.ndarray:
     """Decode the image file ``path`` to uint8 [H, W, 3] as a viewer shows it (see the module docstring).
 
     ``apply_exif_orientation=False`` keeps the stored pixel order of EXIF-tagged files, for data whose annotations
     (masks, boxes) were made on the stored pixels; TIFF orientation tags are applied by PIL either way.
+
+    ``draft_min_pixels``: decode a JPEG at the largest reduction 1/2, 1/4, 1/8 whose image keeps at least this many
+    pixels (PIL ``draft``); ``None``: full size. ``max_image_pixels`` applies to the full size either way.
 
     Raises :class:`ImageTooLargeError` when width x height exceeds ``max_image_pixels`` (``None``: no limit),
     checked from the header before any pixel is decoded, and PIL's ``OSError``/``ValueError``/``SyntaxError`` for
@@ -123,12 +131,26 @@ def read_rgb(
                 f"{max_image_pixels:,}; raise the max_image_pixels option (ImageFolder, data modules; None removes "
                 "the limit) to read it"
             )
+        if draft_min_pixels is not None:
+            reduction = jpeg_reduction(width, height, draft_min_pixels)
+            if reduction > 1:
+                # Asking for exactly (W // k, H // k) makes PIL choose the reduction k (W // (W // k) is k for W >= k).
+                image.draft(None, (width // reduction, height // reduction))
         image.load()  # decode fully now so that truncated files fail here
         rgb = image_to_rgb(image, background=background, source=str(path))
         orientation = _exif_orientation(image)
     if apply_exif_orientation and orientation in _ORIENTATION_TO_DISPLAY:
         rgb = np.ascontiguousarray(_ORIENTATION_TO_DISPLAY[orientation](rgb))
     return rgb
+
+
+def jpeg_reduction(width: int, height: int, min_pixels: int) -> int:
+    """The largest JPEG DCT reduction (1, 2, 4 or 8) after which a ``width`` x ``height`` image keeps at least
+    ``min_pixels`` pixels (counted on the floor of each side, the conservative size)."""
+    for reduction in (8, 4, 2):
+        if (width // reduction) * (height // reduction) >= max(1, min_pixels):
+            return reduction
+    return 1
 
 
 def _open_image(file: BinaryIO, path: str | Path) -> Image.Image:

@@ -12,10 +12,15 @@ trained with 0.0 / 0.9 / 0.5; ``blur_as_upstream_trained=True`` reproduces that.
 
 Randomness comes from a ``np.random.Generator`` passed per call (the data module derives it from
 (seed, epoch, index)), so workers draw different crops and a run is reproducible.
+
+``crops_dtype="uint8"`` (both transforms) leaves the crops as uint8 CHW, a quarter of the bytes of float32 through
+worker IPC, pinned memory and the host-to-device copy; :func:`normalise_uint8` then normalises them on the device
+with the same float32 operations as the worker-side path, so both give bit-identical tensors.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 from collections.abc import Sequence
@@ -36,6 +41,9 @@ __all__ = [
     "to_rgb_array",
     "resize_bicubic",
     "ProcessSeeded",
+    "CROPS_DTYPES",
+    "normalisation_constants",
+    "normalise_uint8",
 ]
 
 # Data-loader workers are the parallelism; OpenCV's own thread pool (used inside albumentations) is not fork-safe:
@@ -44,6 +52,53 @@ cv2.setNumThreads(0)
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+CROPS_DTYPES = ("uint8", "float32")
+
+
+def normalisation_constants(mean: Sequence[float], std: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """float32 ``(255 * mean, 255 * std)`` as [1, 1, 3]: normalised = (uint8 value - offset) / scale.
+
+    Every normalisation in this module, in the workers or on the device, uses these exact float32 constants and
+    the same two operations, which is what makes the uint8 and float32 paths bit-identical.
+    """
+    offset = (255.0 * np.asarray(mean, dtype=np.float32)).reshape(1, 1, 3)
+    scale = (255.0 * np.asarray(std, dtype=np.float32)).reshape(1, 1, 3)
+    return offset, scale
+
+
+def normalise_uint8(
+    images: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+) -> torch.Tensor:
+    """uint8 [..., 3, H, W] -> float32 ``(x - 255 mean) / (255 std)``, on the tensor's device; bit-identical to
+    the float32 crops of :class:`MultiCropTransform` and :class:`EvalTransform`."""
+    if images.dtype != torch.uint8:
+        raise TypeError(f"normalise_uint8 expects uint8 images, got {images.dtype}")
+    offset, scale = _device_constants(tuple(map(float, mean)), tuple(map(float, std)), images.device)
+    return images.float().sub_(offset).div_(scale)
+
+
+@functools.lru_cache(maxsize=16)
+def _device_constants(
+    mean: tuple[float, ...], std: tuple[float, ...], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    # Cached so that normalising a batch costs no host-to-device copy of the constants.
+    return tuple(torch.from_numpy(c.reshape(3, 1, 1)).to(device) for c in normalisation_constants(mean, std))
+
+
+def _check_crops_dtype(crops_dtype: str) -> str:
+    if crops_dtype not in CROPS_DTYPES:
+        raise ValueError(
+            f"crops_dtype must be 'uint8' (normalised on the device) or 'float32' (normalised in the workers), "
+            f"got {crops_dtype!r}"
+        )
+    return crops_dtype
+
+
+def _to_chw_tensor(image: np.ndarray, offset: np.ndarray, scale: np.ndarray, crops_dtype: str) -> torch.Tensor:
+    """HWC uint8 -> contiguous CHW tensor, uint8 as it is or float32 normalised with ``offset``/``scale``."""
+    if crops_dtype == "float32":
+        image = (image.astype(np.float32) - offset) / scale
+    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
 
 
 class ProcessSeeded:
@@ -139,7 +194,8 @@ def resize_bicubic(
 class MultiCropTransform:
     """Image -> ``{"global_crops": [2 x CHW], "local_crops": [n x CHW], "gram_crops": [2 x CHW] (optional)}``.
 
-    All crops are float32 CHW tensors normalised with ``mean``/``std``. See the module docstring for the recipe.
+    All crops are float32 CHW tensors normalised with ``mean``/``std``, or with ``crops_dtype="uint8"`` the uint8
+    CHW crops before normalisation (see :func:`normalise_uint8`). See the module docstring for the recipe.
     ``blur_probabilities`` are the intended (global 1, global 2, local) probabilities; with
     ``blur_as_upstream_trained=True`` the applied ones are ``1 - p`` as in upstream's code.
     """
@@ -166,6 +222,7 @@ class MultiCropTransform:
         std: tuple[float, float, float] = IMAGENET_STD,
         gram_size: int | None = None,
         seed: int | None = None,
+        crops_dtype: str = "float32",
     ) -> None:
         for name, value in (("global_size", global_size), ("local_size", local_size)):
             if value <= 0:
@@ -191,14 +248,14 @@ class MultiCropTransform:
         self.aspect_ratio = tuple(aspect_ratio)
         self.horizontal_flip_probability = float(horizontal_flip_probability)
         self.gram_size = None if gram_size is None else int(gram_size)
+        self.crops_dtype = _check_crops_dtype(crops_dtype)
         self.blur_as_upstream_trained = bool(blur_as_upstream_trained)
         self.intended_blur_probabilities = tuple(float(p) for p in blur_probabilities)
         # What is actually applied: upstream's wrapper applies 1 - p (issue #286).
         self.blur_probabilities = tuple(
             (1.0 - p) if self.blur_as_upstream_trained else p for p in self.intended_blur_probabilities
         )
-        self._scale = (255.0 * np.asarray(std, dtype=np.float32)).reshape(1, 1, 3)
-        self._offset = (255.0 * np.asarray(mean, dtype=np.float32)).reshape(1, 1, 3)
+        self._offset, self._scale = normalisation_constants(mean, std)
         self._rng = np.random.default_rng(seed)
 
         brightness, contrast, saturation, hue = color_jitter
@@ -225,8 +282,25 @@ class MultiCropTransform:
         self.local_photometric = photometric(self.blur_probabilities[2], 0.0)
 
     def _normalise(self, image: np.ndarray) -> torch.Tensor:
-        normalised = (image.astype(np.float32) - self._offset) / self._scale
-        return torch.from_numpy(np.ascontiguousarray(normalised.transpose(2, 0, 1)))
+        return _to_chw_tensor(image, self._offset, self._scale, self.crops_dtype)
+
+    @property
+    def min_source_pixels(self) -> int:
+        """The fewest pixels a source image needs for every crop box of the smallest scale, at the most extreme
+        aspect ratio, to be at least its output size on both sides (so it is resized down, never up).
+
+        A box of area fraction ``s`` and aspect ``r`` in an image of ``A`` pixels has sides ``sqrt(s A r)`` and
+        ``sqrt(s A / r)``; the shorter is ``sqrt(s A r')`` with ``r' = min(r_low, 1 / r_high)``, so a crop kind of
+        output size ``S`` needs ``A >= S^2 / (s r')``. The maximum over the global, local and Gram crops is what a
+        JPEG decoded at reduced size must keep (``MultiCropDataModule(jpeg_draft=True)``).
+        """
+        shortest_side_ratio = min(self.aspect_ratio[0], 1.0 / self.aspect_ratio[1])
+        kinds = [(self.global_size, self.global_scale[0])]
+        if self.num_local_crops:
+            kinds.append((self.local_size, self.local_scale[0]))
+        if self.gram_size is not None:
+            kinds.append((self.gram_size, self.global_scale[0]))
+        return max(math.ceil(size**2 / (scale * shortest_side_ratio)) for size, scale in kinds)
 
     def _geometric(
         self, image: np.ndarray, scale: tuple[float, float], sizes: Sequence[int], rng: np.random.Generator
@@ -276,7 +350,8 @@ class EvalTransform:
     """Deterministic evaluation transform: bicubic resize of the shorter side, centre crop, normalise -> CHW float.
 
     ``resize_size`` defaults to ``round(size * 256 / 224)`` (the usual ImageNet ratio); set it equal to ``size``
-    to keep the whole image (square inputs).
+    to keep the whole image (square inputs). ``crops_dtype="uint8"``: the uint8 CHW crop, normalised later by
+    :func:`normalise_uint8`.
     """
 
     def __init__(
@@ -285,6 +360,7 @@ class EvalTransform:
         resize_size: int | None = None,
         mean: tuple[float, float, float] = IMAGENET_MEAN,
         std: tuple[float, float, float] = IMAGENET_STD,
+        crops_dtype: str = "float32",
     ) -> None:
         if size <= 0:
             raise ValueError(f"size must be positive, got {size}")
@@ -292,8 +368,8 @@ class EvalTransform:
         self.resize_size = int(round(size * 256 / 224)) if resize_size is None else int(resize_size)
         if self.resize_size < self.size:
             raise ValueError(f"resize_size ({self.resize_size}) must be >= size ({self.size})")
-        self._scale = (255.0 * np.asarray(std, dtype=np.float32)).reshape(1, 1, 3)
-        self._offset = (255.0 * np.asarray(mean, dtype=np.float32)).reshape(1, 1, 3)
+        self.crops_dtype = _check_crops_dtype(crops_dtype)
+        self._offset, self._scale = normalisation_constants(mean, std)
 
     def __call__(self, image: Any) -> torch.Tensor:
         image = to_rgb_array(image)
@@ -305,5 +381,4 @@ class EvalTransform:
             image = resize_bicubic(image, new_width, new_height)
         top, left = (new_height - self.size) // 2, (new_width - self.size) // 2
         image = image[top : top + self.size, left : left + self.size]
-        normalised = (image.astype(np.float32) - self._offset) / self._scale
-        return torch.from_numpy(np.ascontiguousarray(normalised.transpose(2, 0, 1)))
+        return _to_chw_tensor(image, self._offset, self._scale, self.crops_dtype)
