@@ -122,11 +122,19 @@ class DINOv3Backbone(nn.Module):
         rope = self.vit.rope
         coords = _patch_coords(grid_hw, device=rope.periods.device)
         if self.training and self.rope_rescale is not None:
-            log_max = torch.log(torch.tensor(float(self.rope_rescale)))
-            scale = torch.empty((), device=coords.device).uniform_(-log_max.item(), log_max.item()).exp()
+            log_max = _log_rescale_bound(float(self.rope_rescale))
+            scale = torch.empty((), device=coords.device).uniform_(-log_max, log_max).exp()
             coords = coords * scale
         sin, cos = rope._get_pos_embed_from_coords(coords)
         return torch.cat([sin, cos], dim=-1)
+
+    def compile_blocks(self, **compile_options: Any) -> None:
+        """``torch.compile`` each transformer block in place (``nn.Module.compile``): the names of parameters and
+        state-dict keys stay those of the eager model (no ``_orig_mod.``), so checkpoints, EMA pairing and weight
+        loading are unchanged. Blocks rather than the whole forward: the RoPE draw and the mask-token select stay
+        eager, and every block of a ViT shares one compiled graph."""
+        for block in self.vit.blocks:
+            block.compile(**compile_options)
 
     def _check_size(self, images: Tensor) -> tuple[int, int]:
         if images.ndim != 4:
@@ -228,6 +236,13 @@ class DINOv3Backbone(nn.Module):
                 item += (parts["storage"],)
             outputs.append(item if len(item) > 1 else patch)
         return tuple(outputs)
+
+
+@functools.cache
+def _log_rescale_bound(rescale: float) -> float:
+    """log(R) as the fp32 CPU op gives it (the value runs so far drew with), computed once per R: no tensor read
+    in the step, which would be a graph break under torch.compile."""
+    return torch.log(torch.tensor(rescale)).item()
 
 
 def _patch_coords(grid_hw: tuple[int, int], device: torch.device) -> Tensor:

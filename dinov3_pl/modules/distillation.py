@@ -66,6 +66,8 @@ class _Distillation(PretrainingModule):
     """What both distillation methods share: a frozen teacher (not saved in checkpoints: rebuilt from its file and
     checked by fingerprint), students with their own optimizer settings, and an EMA of each student."""
 
+    supports_device_skip = True  # the EMAs take ema_momentum (1 on the device where a step was dropped)
+
     def __init__(self, teacher: DistillationTeacherConfig, students: list, max_bad: int, knn_ks, knn_temperature):
         self.teacher_config = _config(DistillationTeacherConfig, teacher)
         self.student_configs = {student.name: student for student in _students(students)}
@@ -105,7 +107,7 @@ class _Distillation(PretrainingModule):
 
     def after_optimizer_step(self, step: int) -> None:
         for name, student in self.students.items():
-            self.student_emas[name].update(student, self.ema_schedules[name](step))
+            self.student_emas[name].update(student, self.ema_momentum(self.ema_schedules[name](step)))
 
     def train(self, mode: bool = True) -> _Distillation:
         super().train(mode)

@@ -19,7 +19,11 @@ Everything else is done here, the same way for every method:
   and per micro-batch of an accumulated step; ``ExactResume`` installed;
 - a non-finite loss on any micro-batch, or a non-finite gradient norm, drops the whole optimizer step (no AdamW
   step, no ``after_optimizer_step``), checkpoints are vetoed while steps are skipped, and too many in a row stop
-  the run with an error naming the last good checkpoint;
+  the run with an error naming the last good checkpoint. The step itself reads nothing back from the device: the
+  verdict is a device flag. With ``optim.fused: true`` (and no fp16 GradScaler) it is applied on the device too
+  (AdamW's ``found_inf``, the EMA momentum set to 1), and the host learns of a dropped step without waiting for it
+  (a non-blocking copy, read once it has landed; the checkpoint veto waits for it); otherwise it is read once per
+  optimizer step, before AdamW;
 - undecodable images totalled per epoch; schedules, throughput and memory logged; an online kNN monitor of every
   eval backbone on the DataModule's ``[bank, queries]`` validation loaders;
 - the checkpoint records its backbones (``backbone_config`` / ``backbone_configs``) so that ``arch: null``
@@ -93,6 +97,15 @@ class PretrainingModule(L.LightningModule):
         self.register_buffer("run_seed", torch.tensor(torch.initial_seed() % 2**62, dtype=torch.long))
         self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long))
         self._skip_reason: str | None = None  # why the current optimizer step is dropped (None: it is not)
+        # 1.0 on the device when a micro-batch of the current optimizer step had a non-finite loss.
+        self._step_bad: Tensor | None = None
+        self._last_losses: dict[str, Tensor] = {}
+        # The device verdict of the optimizer step just taken (fused AdamW path): 1.0 where it was dropped.
+        self._dropped_on_device: Tensor | None = None
+        self._bad_streak_on_device: Tensor | None = None
+        # (step, host copy of [dropped, streak, skipped], CUDA event or None) not read yet.
+        self._pending_verdicts: list[tuple[int, Tensor, Any]] = []
+        self._last_skip_reason: str | None = None
         self._step = 0  # the optimizer step the current batch trains (global_step moves on inside the batch)
         self._bad_images = {"epoch": 0, "run": 0}  # undecodable images dropped by the DataModule
         self._batch_start_time: float | None = None
@@ -270,6 +283,7 @@ class PretrainingModule(L.LightningModule):
         torch.manual_seed(hash(key) % 2**63)
         if micro_batch == 0:  # once per optimizer step
             self._skip_reason = None
+            self._step_bad = None
             self._apply_schedules(self.optimizers().optimizer, step)
             self.on_optimizer_step_start(step)
         self._batch_start_time = time.perf_counter()
@@ -281,28 +295,42 @@ class PretrainingModule(L.LightningModule):
         self._bad_images["epoch"] += int(batch.get("num_bad_images", 0))
         losses = self.compute_losses(batch, step=self._step)
         total = losses["loss"]
-        if not self._all_ranks_finite(total):
-            # No backward; configure_gradient_clipping then drops the whole accumulated step.
-            self._skip_reason = f"non-finite loss (terms: { {k: float(v) for k, v in losses.items()} })"
-            return None
+        # Judged on the device (no host read here); a non-finite loss still runs its backward, and the whole
+        # accumulated step is dropped before AdamW (configure_gradient_clipping).
+        bad = (~torch.isfinite(total.detach())).float()
+        self._step_bad = bad if self._step_bad is None else torch.maximum(self._step_bad, bad)
+        self._last_losses = {k: v.detach() for k, v in losses.items()}
         batch_size = batch["global_crops"].shape[0] // NUM_GLOBAL_CROPS
-        self.log_dict({f"train/{k}": v.detach() for k, v in losses.items()}, batch_size=batch_size, prog_bar=False)
-        self.log("train/loss_total", total.detach(), prog_bar=True, batch_size=batch_size)
+        # No prog_bar: the progress bar reads its values back at every step (a host sync).
+        self.log_dict({f"train/{k}": v for k, v in self._last_losses.items()}, batch_size=batch_size)
+        self.log("train/loss_total", total.detach(), batch_size=batch_size)
         return total
 
-    def _all_ranks_finite(self, value: Tensor) -> bool:
-        bad = (~torch.isfinite(value.detach())).float()
-        if self.trainer.world_size > 1:
-            bad = self.trainer.strategy.reduce(bad, reduce_op="max")
-        return not bool(bad)
+    def _device_skip(self, optimizer) -> bool:
+        """Whether the dropped-step verdict can be applied on the device: fused AdamW honours ``found_inf`` (its
+        kernel leaves parameters, moments and step counts as they were), unless a GradScaler already owns it."""
+        optimizer = getattr(optimizer, "optimizer", optimizer)
+        fused = all(group.get("fused") for group in optimizer.param_groups)
+        scaler = getattr(getattr(self._trainer, "precision_plugin", None), "scaler", None)
+        return fused and scaler is None and self.supports_device_skip
+
+    supports_device_skip = False  # the method's after_optimizer_step honours ema_momentum's dropped-step momentum
+
+    def ema_momentum(self, momentum: float) -> float | Tensor:
+        """The EMA momentum to use in ``after_optimizer_step``: 1 (no change) on the device when the step was
+        dropped there (fused AdamW path), ``momentum`` otherwise."""
+        if self._dropped_on_device is None:
+            return momentum
+        return torch.where(self._dropped_on_device > 0, 1.0, momentum)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        """Runs between the (accumulated) backward passes and the optimizer step: clips, or drops the step."""
-        if self._skip_reason is None:
-            if gradient_clip_val is not None:  # Trainer(gradient_clip_val=...) asks for the global-norm clip
-                self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
-                return
-            norms = {}
+        """Runs between the (accumulated) backward passes and the optimizer step: clips, and drops the step when a
+        loss or a gradient norm is not finite (on the device with fused AdamW; else after one host read)."""
+        self._dropped_on_device = None
+        norms: dict[str, Tensor] = {}
+        if gradient_clip_val is not None:  # Trainer(gradient_clip_val=...) asks for the global-norm clip
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        else:
             for owner, modules in self.trained_modules().items():
                 optim = self.owner_optim(owner)
                 # Upstream clips backbone and heads one by one; the option clips the owner's global norm instead.
@@ -310,9 +338,23 @@ class PretrainingModule(L.LightningModule):
                 prefix = f"{owner}/" if len(self.trained_modules()) > 1 else ""
                 norms.update({prefix + k: v for k, v in clip_grad_norm_per_module(groups, optim.clip_grad).items()})
             self.log_dict({f"grad_norm/{k}": v for k, v in norms.items()}, rank_zero_only=True)
-            if norms and not bool(torch.isfinite(torch.stack(list(norms.values()))).all()):
+        bad = self._step_bad if self._step_bad is not None else torch.zeros((), device=self.device)
+        if norms:
+            bad = torch.maximum(bad, (~torch.isfinite(torch.stack(list(norms.values())))).any().float())
+        if self.trainer.world_size > 1 and torch.distributed.is_initialized():
+            # Every rank must drop the same steps (an all-reduce on the device, nothing read back).
+            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+        if self._device_skip(optimizer):
+            self._dropped_on_device = bad
+            # Read by the fused AdamW kernel: where it is 1 the step leaves parameters, moments and step counts.
+            getattr(optimizer, "optimizer", optimizer).found_inf = bad
+            return
+        if bool(bad):  # the one host read per optimizer step of the non-fused path
+            if self._step_bad is not None and bool(self._step_bad):
+                terms = {k: float(v) for k, v in self._last_losses.items()}
+                self._skip_reason = f"non-finite loss (terms of the last micro-batch: {terms})"
+            else:
                 self._skip_reason = f"non-finite gradient norm ({ {k: float(v) for k, v in norms.items()} })"
-        if self._skip_reason is not None:
             # Without gradients AdamW leaves every parameter and its moments as they are (no decay either).
             for modules in self.trained_modules().values():
                 for module in modules.values():
@@ -321,6 +363,10 @@ class PretrainingModule(L.LightningModule):
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        getattr(optimizer, "optimizer", optimizer).__dict__.pop("found_inf", None)
+        if self._dropped_on_device is not None:
+            self._finish_step_on_device(self._dropped_on_device)
+            return
         if self._skip_reason is None:
             self.consecutive_bad_steps = 0
             self.after_optimizer_step(self._step)
@@ -328,26 +374,66 @@ class PretrainingModule(L.LightningModule):
         # A dropped step: no AdamW update, no EMA. Training stops after too many in a row.
         self.consecutive_bad_steps += 1
         self.skipped_steps += 1
+        self._last_skip_reason = self._skip_reason
         self.log("train/skipped_steps", self.skipped_steps.float(), rank_zero_only=True)
-        if self.consecutive_bad_steps >= self.max_consecutive_bad_steps:
-            first_bad_step = self._step - self.consecutive_bad_steps + 1
-            # dinov3_pl.checkpointing.SafeModelCheckpoint (the CLI's) knows the newest checkpoint of a healthy state.
-            good = [getattr(c, "last_good_checkpoint", None) for c in self.trainer.checkpoint_callbacks]
-            good = [path for path in good if path]
-            where = (
-                f"resume from {good[0]}" if good else f"resume from a checkpoint written before step {first_bad_step}"
+        self._stop_if_too_many_bad_steps(self._step)
+
+    def _finish_step_on_device(self, dropped: Tensor) -> None:
+        """The fused path: AdamW already honoured ``dropped``; the EMA (momentum 1 where dropped), the counters
+        and the streak are updated on the device, and the host reads the verdict when its copy has landed."""
+        self.after_optimizer_step(self._step)
+        self._dropped_on_device = None
+        if self._bad_streak_on_device is None:
+            self._bad_streak_on_device = torch.full(
+                (), self.consecutive_bad_steps, dtype=torch.long, device=dropped.device
             )
-            raise FloatingPointError(
-                f"{self.consecutive_bad_steps} consecutive optimizer steps skipped at step {self._step}, the last for "
-                f"a {self._skip_reason}; stopping. Skipped steps leave the weights as they were: {where} with a lower "
-                "LR (model.init_args.optim.lr) or fix the data."
-            )
+        dropped = dropped.long()
+        self._bad_streak_on_device = (self._bad_streak_on_device + 1) * dropped  # 0 again after a good step
+        self.skipped_steps += dropped
+        self.log("train/skipped_steps", self.skipped_steps.float(), rank_zero_only=True)
+        verdict = torch.stack([dropped, self._bad_streak_on_device]).to("cpu", non_blocking=True)
+        landed = None
+        if verdict.device.type == "cpu" and dropped.device.type == "cuda":
+            landed = torch.cuda.Event()
+            landed.record()
+        self._pending_verdicts.append((self._step, verdict, landed))
+        self._read_verdicts(wait=False)
+
+    def _read_verdicts(self, wait: bool) -> None:
+        """Takes in the device verdicts whose copies have landed (all of them, waiting, with ``wait``)."""
+        while self._pending_verdicts:
+            step, verdict, landed = self._pending_verdicts[0]
+            if landed is not None and not landed.query():
+                if not wait:
+                    return
+                landed.synchronize()
+            self._pending_verdicts.pop(0)
+            dropped, streak = (int(value) for value in verdict.tolist())
+            self.consecutive_bad_steps = streak
+            if dropped:
+                self._last_skip_reason = "non-finite loss or gradient norm (judged on the device)"
+                self._stop_if_too_many_bad_steps(step)
+
+    def _stop_if_too_many_bad_steps(self, step: int) -> None:
+        if self.consecutive_bad_steps < self.max_consecutive_bad_steps:
+            return
+        first_bad_step = step - self.consecutive_bad_steps + 1
+        # dinov3_pl.checkpointing.SafeModelCheckpoint (the CLI's) knows the newest checkpoint of a healthy state.
+        good = [getattr(c, "last_good_checkpoint", None) for c in self.trainer.checkpoint_callbacks]
+        good = [path for path in good if path]
+        where = f"resume from {good[0]}" if good else f"resume from a checkpoint written before step {first_bad_step}"
+        raise FloatingPointError(
+            f"{self.consecutive_bad_steps} consecutive optimizer steps skipped at step {step}, the last for "
+            f"a {self._last_skip_reason}; stopping. Skipped steps leave the weights as they were: {where} with a "
+            "lower LR (model.init_args.optim.lr) or fix the data."
+        )
 
     def checkpoint_veto(self) -> str | None:
         """Why the current state must not be checkpointed (``None``: it may be). Asked by the checkpoint callback:
         while steps are being skipped, the weights are those that led to non-finite losses or gradients."""
+        self._read_verdicts(wait=True)  # checkpoints are rare: waiting here for the device verdicts is cheap
         if self.consecutive_bad_steps:
-            return f"{self.consecutive_bad_steps} optimizer step(s) in a row were skipped ({self._skip_reason})"
+            return f"{self.consecutive_bad_steps} optimizer step(s) in a row were skipped ({self._last_skip_reason})"
         return None
 
     def on_train_batch_end(self, outputs: Any, batch: dict, batch_idx: int) -> None:
@@ -365,9 +451,11 @@ class PretrainingModule(L.LightningModule):
             stats["throughput/images_per_s"] = images / max(seconds, 1e-9)
         if torch.cuda.is_available() and self.device.type == "cuda":
             stats["throughput/peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
-        self.log_dict(stats, rank_zero_only=True)
+        # CPU tensors: a Python number would be copied to the device at every step (a host sync each).
+        self.log_dict({key: torch.tensor(float(value)) for key, value in stats.items()}, rank_zero_only=True)
 
     def on_train_epoch_end(self) -> None:
+        self._read_verdicts(wait=True)
         bad = self._bad_images["epoch"]
         if self.trainer.world_size > 1:
             bad = int(self.trainer.strategy.reduce(torch.tensor(bad, device=self.device), reduce_op="sum"))

@@ -35,7 +35,7 @@ from dinov3_pl.modules.ssl_config import (
     OptimConfig,
     TeacherConfig,
 )
-from dinov3_pl.modules.teachers import EMA, DINOStudent, DINOTeacher, resize_patch_grid
+from dinov3_pl.modules.teachers import EMA, DINOStudent, DINOTeacher, compile_backbone, resize_patch_grid
 from dinov3_pl.schedules import ConstantSchedule, CosineSchedule, LinearRampSchedule, Schedule
 
 __all__ = ["DINOSSLModule"]
@@ -58,9 +58,14 @@ class DINOSSLModule(PretrainingModule):
         training_health: the plateau / collapse monitor (``dinov3_pl.callbacks.training_health``, on by default):
             ``false`` turns it off, a dict sets its arguments (e.g. ``{patience_steps: 500}``); see
             docs/training_health.md.
+        compile: ``torch.compile`` the backbone blocks, the heads, Sinkhorn-Knopp and the loss functions of the
+            student, the teacher and the Gram teacher (each part in place: parameter names, state-dict keys and
+            checkpoints are those of the eager model). The LightningModule itself is never compiled. A dict is
+            passed to ``torch.compile`` (e.g. ``{mode: max-autotune}``, ``{backend: aot_eager}``).
     """
 
     computes_health_diagnostics = True
+    supports_device_skip = True
 
     def __init__(
         self,
@@ -75,7 +80,10 @@ class DINOSSLModule(PretrainingModule):
         knn_ks: tuple[int, ...] = (10, 20),
         knn_temperature: float = 0.07,
         training_health: bool | dict = True,
+        compile: bool | dict = False,
     ) -> None:
+        if not isinstance(compile, bool | dict):
+            raise ValueError(f"compile must be true, false or a dict of torch.compile arguments, got {compile!r}")
         # Plain dicts are accepted too: that is how `load_from_checkpoint` passes the saved hyper-parameters.
         self.backbone_config = backbone = _config(BackboneConfig, backbone)
         self.loss_config = loss = _config(LossConfig, loss)
@@ -99,9 +107,24 @@ class DINOSSLModule(PretrainingModule):
 
                 load_backbone_weights(self.gram_teacher, gram.teacher_weights)
             self.gram_loss = GramLoss(remove_neg=gram.remove_neg, img_level=gram.img_level)
-        # Checkpointed so that a resumed run refreshes the Gram teacher exactly as an uninterrupted one.
+        # The Gram schedule's state is kept as Python ints (reading a device buffer at every step is a host sync)
+        # and checkpointed, so that a resumed run refreshes the Gram teacher exactly as an uninterrupted one. The
+        # buffers mirror them: state dicts keep their keys, and checkpoints written before still load.
+        self._gram_initialized = gram.teacher_weights is not None
+        self._gram_refreshes = 0
         self.register_buffer("gram_refreshes", torch.zeros((), dtype=torch.long))
-        self.register_buffer("gram_initialized", torch.tensor(gram.teacher_weights is not None))
+        self.register_buffer("gram_initialized", torch.tensor(self._gram_initialized))
+        self.compiled = compile is not False
+        if self.compiled:
+            self._compile_parts(**(compile if isinstance(compile, dict) else {}))
+
+    def _compile_parts(self, **compile_options: Any) -> None:
+        self.student.compile_parts(**compile_options)
+        if hasattr(self.teacher, "compile_parts"):  # a teacher of your own (build_teacher) may not offer it
+            self.teacher.compile_parts(**compile_options)
+        if self.gram_teacher is not None:
+            compile_backbone(self.gram_teacher, **compile_options)
+            self.gram_loss.compile(**compile_options)
 
     def build_teacher(self) -> DINOTeacher:
         """The teacher: an exact copy of the student (released weights included) that follows it by EMA. Override it
@@ -225,21 +248,24 @@ class DINOSSLModule(PretrainingModule):
         gram = self.gram_config
         if self.gram_teacher is None:
             return
-        snapshot = not bool(self.gram_initialized) and step >= gram.start_step
+        snapshot = not self._gram_initialized and step >= gram.start_step
         refresh = (
             gram.first_refresh_step is not None
             and step >= gram.first_refresh_step
             and (step - gram.first_refresh_step) % gram.refresh_every == 0
-            and int(self.gram_refreshes) < gram.max_refreshes
+            and self._gram_refreshes < gram.max_refreshes
         )
         if snapshot or refresh:
             self.gram_teacher.load_state_dict(self.teacher.backbone.state_dict())
-            self.gram_initialized.fill_(True)
+            self._gram_initialized = True
             if refresh:
-                self.gram_refreshes += 1
+                self._gram_refreshes += 1
+            # fill_ with a Python number launches a kernel; nothing is read back.
+            self.gram_initialized.fill_(True)
+            self.gram_refreshes.fill_(self._gram_refreshes)
 
     def after_optimizer_step(self, step: int) -> None:
-        momentum = self.momentum_schedule(step)
+        momentum = self.ema_momentum(self.momentum_schedule(step))
         self.teacher.update(self.student, momentum)
         if self.student_ema is not None:
             self.student_ema.update(self.student, momentum)
@@ -248,19 +274,33 @@ class DINOSSLModule(PretrainingModule):
         self.teacher.update(self.student, momentum)
 
     # ------------------------------------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["gram_schedule"] = {"initialized": self._gram_initialized, "refreshes": self._gram_refreshes}
+
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)
-        self._complete_gram_state(checkpoint["state_dict"])
+        state_dict = checkpoint["state_dict"]
+        if self._complete_gram_state(state_dict):
+            return  # a pretraining checkpoint: the Gram phase starts afresh (the state set in __init__)
+        # Checkpoints written before the Python-int state record it in the buffers only (CPU tensors: no sync).
+        recorded = checkpoint.get("gram_schedule") or {
+            "initialized": bool(state_dict.get("gram_initialized", self._gram_initialized)),
+            "refreshes": int(state_dict.get("gram_refreshes", 0)),
+        }
+        self._gram_initialized, self._gram_refreshes = bool(recorded["initialized"]), int(recorded["refreshes"])
 
-    def _complete_gram_state(self, state_dict: dict[str, Tensor]) -> None:
+    def _complete_gram_state(self, state_dict: dict[str, Tensor]) -> bool:
         """Starting the Gram phase from a pretraining checkpoint, which has no Gram teacher: it comes from
-        ``gram.teacher_weights`` (already loaded) or is snapshot from the restored EMA teacher at ``start_step``."""
+        ``gram.teacher_weights`` (already loaded) or is snapshot from the restored EMA teacher at ``start_step``.
+        Returns whether the checkpoint was such a one (completed here)."""
         if self.gram_teacher is None or any(key.startswith("gram_teacher.") for key in state_dict):
-            return
+            return False
         for key, value in self.gram_teacher.state_dict().items():
             state_dict[f"gram_teacher.{key}"] = value
         state_dict["gram_initialized"] = self.gram_initialized.clone()
         state_dict["gram_refreshes"] = torch.zeros_like(self.gram_refreshes)
+        return True
 
 
 def _config(config_type: type, value: Any) -> Any:

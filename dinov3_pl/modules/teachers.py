@@ -39,6 +39,7 @@ __all__ = [
     "EMA",
     "load_dino_teacher",
     "resize_patch_grid",
+    "compile_backbone",
     "ema_update",
     "ema_update_module",
 ]
@@ -47,10 +48,14 @@ NUM_GLOBAL_CROPS = 2
 
 
 @torch.no_grad()
-def ema_update(average: list[Tensor], source: list[Tensor], momentum: float) -> None:
-    """``average = momentum * average + (1 - momentum) * source``, in place, with foreach ops (as upstream)."""
+def ema_update(average: list[Tensor], source: list[Tensor], momentum: float | Tensor) -> None:
+    """``average = momentum * average + (1 - momentum) * source``, in place, with foreach ops (as upstream).
+    A 0-dim tensor ``momentum`` stays on the device (1 where a step was dropped there: the average is unchanged)."""
     torch._foreach_mul_(average, momentum)
-    torch._foreach_add_(average, source, alpha=1 - momentum)
+    if isinstance(momentum, Tensor):
+        torch._foreach_add_(average, torch._foreach_mul(source, 1 - momentum))
+    else:
+        torch._foreach_add_(average, source, alpha=1 - momentum)
 
 
 def _running_statistics(module: nn.Module) -> dict[str, Tensor]:
@@ -64,7 +69,7 @@ def _running_statistics(module: nn.Module) -> dict[str, Tensor]:
 
 
 @torch.no_grad()
-def ema_update_module(average: nn.Module, source: nn.Module, momentum: float) -> None:
+def ema_update_module(average: nn.Module, source: nn.Module, momentum: float | Tensor) -> None:
     """EMA of ``source``'s parameters into ``average``, and of its batch-norm running statistics: parameters alone
     would leave a CNN's EMA normalising with the statistics it started with (its features then degenerate)."""
     ema_update(*_paired_parameters(average, source), momentum)
@@ -91,7 +96,7 @@ class EMA(nn.Module):
         super().__init__()
         self.average = copy.deepcopy(source).requires_grad_(False).eval()
 
-    def update(self, source: nn.Module, momentum: float) -> None:
+    def update(self, source: nn.Module, momentum: float | Tensor) -> None:
         ema_update_module(self.average, source, momentum)
 
     def train(self, mode: bool = True) -> EMA:
@@ -126,6 +131,13 @@ class DINOStudent(nn.Module):
             self.ibot_head = ibot_head.build(backbone.embed_dim)
         else:
             self.ibot_head = None
+
+    def compile_parts(self, **compile_options: Any) -> None:
+        """``torch.compile`` in place the backbone's blocks, the heads and the loss modules (names unchanged)."""
+        compile_backbone(self.backbone, **compile_options)
+        for part in (self.dino_head, self.ibot_head, self.dino_loss, self.ibot_loss, self.koleo_loss):
+            if part is not None:
+                part.compile(**compile_options)
 
     def trained_modules(self) -> dict[str, nn.Module]:
         """Each clipped on its own, as upstream clips backbone, DINO head and iBOT head."""
@@ -218,6 +230,7 @@ class DINOTeacher(nn.Module):
             self.dino_center = SoftmaxCenter(dino_head.last_layer.out_features, loss.center_momentum)
             if ibot_head is not None:
                 self.ibot_center = SoftmaxCenter(ibot_head.last_layer.out_features, loss.center_momentum)
+        self._sinkhorn_knopp = sinkhorn_knopp  # compile_parts swaps in a compiled one
         self.requires_grad_(False).eval()
         if hasattr(self.backbone, "rope_rescale"):
             self.backbone.rope_rescale = None  # RoPE coordinate augmentation is for students only
@@ -228,10 +241,19 @@ class DINOTeacher(nn.Module):
         copied = copy.deepcopy(student)
         return cls(copied.backbone, copied.dino_head, copied.ibot_head, loss, frozen=False)
 
+    def compile_parts(self, **compile_options: Any) -> None:
+        """``torch.compile`` in place the backbone's blocks and the heads, and compile Sinkhorn-Knopp (names
+        unchanged). Softmax centering stays eager (two small ops around an EMA buffer)."""
+        compile_backbone(self.backbone, **compile_options)
+        for head in (self.dino_head, self.ibot_head):
+            if head is not None:
+                head.compile(**compile_options)
+        self._sinkhorn_knopp = torch.compile(sinkhorn_knopp, **compile_options)
+
     def train(self, mode: bool = True) -> DINOTeacher:
         return super().train(False)  # always in eval mode: no drop path, no RoPE jitter
 
-    def update(self, student: DINOStudent, momentum: float) -> None:
+    def update(self, student: DINOStudent, momentum: float | Tensor) -> None:
         """The EMA step after each optimizer step (nothing for a frozen teacher)."""
         if not self.frozen:
             ema_update_module(self, student, momentum)
@@ -257,11 +279,20 @@ class DINOTeacher(nn.Module):
 
     def _center(self, logits: Tensor, temperature: float, head: str) -> Tensor:
         if self.centering == "sinkhorn_knopp":
-            return sinkhorn_knopp(logits, temperature, self.sinkhorn_iterations)
+            return self._sinkhorn_knopp(logits, temperature, self.sinkhorn_iterations)
         center: SoftmaxCenter = getattr(self, f"{head}_center")
         probs = center.probs(logits, temperature)
         center.update(logits)
         return probs
+
+
+def compile_backbone(backbone: nn.Module, **compile_options: Any) -> None:
+    """Compiles a backbone in place: block by block for a DINOv3 ViT (``DINOv3Backbone.compile_blocks``), whole
+    otherwise (``nn.Module.compile``); either way its parameter names and state-dict keys are unchanged."""
+    if hasattr(backbone, "compile_blocks"):
+        backbone.compile_blocks(**compile_options)
+    else:
+        backbone.compile(**compile_options)
 
 
 def resize_patch_grid(patches: Tensor, grid_hw: tuple[int, int], mode: str = "bicubic") -> Tensor:
