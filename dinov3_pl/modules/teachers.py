@@ -164,15 +164,34 @@ class DINOStudent(nn.Module):
         global_crops: Tensor = batch["global_crops"]
         local_crops: Tensor | None = batch.get("local_crops")
         masks: Tensor = batch["masks"]
-        batch_size = global_crops.shape[0] // NUM_GLOBAL_CROPS
         with_ibot = self.ibot_head is not None and loss.ibot_weight > 0
         student_global = self.backbone(global_crops, masks=masks if with_ibot and self.mask_inputs else None)
         cls_global = student_global["cls"]
         if local_crops is not None and local_crops.shape[0] > 0:
             cls_local = self.backbone(local_crops)["cls"]
-            num_local_crops = local_crops.shape[0] // batch_size
         else:
-            cls_local, num_local_crops = cls_global[:0], 0
+            cls_local = cls_global[:0]
+        terms = self.head_losses(student_global, cls_local, batch, targets, local_dino_weight, outputs)
+        return terms, student_global
+
+    def head_losses(
+        self,
+        student_global: dict[str, Tensor],
+        cls_local: Tensor,
+        batch: dict,
+        targets: dict[str, Tensor],
+        local_dino_weight: float = 1.0,
+        outputs: dict[str, Tensor] | None = None,
+    ) -> dict[str, Tensor]:
+        """The part of :meth:`losses` after the backbone: heads and loss terms from the student's global outputs
+        and local CLS tokens. It reads nothing back from the device, so it compiles as one graph
+        (``fullgraph=True``) when the batch carries the collate's ``ibot_weights``."""
+        loss = self.loss_config
+        masks: Tensor = batch["masks"]
+        with_ibot = self.ibot_head is not None and loss.ibot_weight > 0
+        cls_global = student_global["cls"]
+        batch_size = cls_global.shape[0] // NUM_GLOBAL_CROPS
+        num_local_crops = cls_local.shape[0] // batch_size
         terms: dict[str, Tensor] = {}
         total = cls_global.new_zeros(())
         if loss.dino_weight > 0:
@@ -204,7 +223,7 @@ class DINOStudent(nn.Module):
             # Upstream: the mean over the global crops, times their number, times the weight.
             total = total + loss.koleo_weight * NUM_GLOBAL_CROPS * terms["koleo"]
         terms["loss"] = total
-        return terms, student_global
+        return terms
 
 
 class DINOTeacher(nn.Module):
@@ -266,7 +285,14 @@ class DINOTeacher(nn.Module):
         ``masks``, ``patch_probs`` [M, K] for the M patches the student sees masked (rows ``mask_rows``).
         ``mask_indices``: the batch's precomputed ``masks.flatten().nonzero()`` (the collate's ``mask_indices``);
         given, the step has no ``nonzero`` (a host sync with a data-dependent shape) on the device."""
-        out = self.backbone(global_crops)
+        return self.targets_from_outputs(self.backbone(global_crops), masks, temperature, mask_indices)
+
+    @torch.no_grad()
+    def targets_from_outputs(
+        self, out: dict[str, Tensor], masks: Tensor | None, temperature: float, mask_indices: Tensor | None = None
+    ) -> dict[str, Tensor]:
+        """The part of :meth:`targets` after the backbone (its ``{"cls", "patch"}`` outputs): heads and centering.
+        With ``mask_indices`` it reads nothing back from the device and compiles as one graph."""
         cls_logits = self.dino_head(out["cls"])
         cls_probs = self._center(cls_logits, temperature, "dino")
         targets = {"cls_probs": cls_probs.unflatten(0, (NUM_GLOBAL_CROPS, -1))}

@@ -13,6 +13,12 @@ utilisation (MFU: FLOPs counted by ``torch.utils.flop_counter`` per step / time 
 
     python experiments/benchmarks/ssl_step.py                      # CPU, small ViT
     python experiments/benchmarks/ssl_step.py --device cuda --preset vits16   # ViT-S/16 recipe, batch 128
+    python experiments/benchmarks/ssl_step.py --compile-all        # the module's compile option (all parts)
+    python experiments/benchmarks/ssl_step.py --device cuda --sync-debug   # the full step under sync debug "error"
+
+``--compile`` compiles the two backbones whole; ``--compile-all`` is ``DINOSSLModule(compile=True)``: backbone
+blocks, heads, Sinkhorn-Knopp and losses of student and teacher. The batch carries the collate's ``mask_indices``
+and ``ibot_weights`` (as the DataModule's does), so the step has no ``nonzero``.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import argparse
 import torch
 from timing import device_line, make_batch, median_seconds, memory_and_mfu
 
+from dinov3_pl.data.masking import ibot_mask_fields
 from dinov3_pl.modules.ssl import DINOSSLModule
 from dinov3_pl.modules.ssl_config import BackboneConfig, HeadConfig, OptimConfig
 from dinov3_pl.optim import clip_grad_norm_per_module
@@ -63,6 +70,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps-per-round", type=int, default=3)
     parser.add_argument("--compile", action="store_true", help="torch.compile the student and teacher backbones")
+    parser.add_argument(
+        "--compile-all", action="store_true", help="DINOSSLModule(compile=True): blocks, heads, Sinkhorn-Knopp, losses"
+    )
+    parser.add_argument(
+        "--sync-debug",
+        action="store_true",
+        help="CUDA: run one more full step under torch.cuda.set_sync_debug_mode('error') (fails on a host sync)",
+    )
     parser.add_argument("--fused", action="store_true", help="fused AdamW kernels (both steps)")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -78,6 +93,8 @@ def main() -> None:
         optim=OptimConfig(
             total_steps=10_000, lr_scaling="none", warmup_steps=0, freeze_last_layer_steps=0, fused=args.fused or None
         ),
+        training_health=False,
+        compile=args.compile_all,
     ).to(device)
     module._build_schedules()
     optimizer = module.configure_optimizers()
@@ -89,6 +106,8 @@ def main() -> None:
     batch = make_batch(
         preset["batch"], preset["global_size"], preset["local_size"], preset["num_local"], backbone.patch_size, device
     )
+    fields = ibot_mask_fields(batch["masks"].cpu())  # made on CPU by the collate in training
+    batch.update(mask_indices=fields["mask_indices"].to(device), ibot_weights=fields["ibot_weights"].to(device))
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
     def full_step() -> None:
@@ -111,7 +130,12 @@ def main() -> None:
 
     def teacher_step() -> None:  # the part of the full step a bare backbone step has no counterpart for
         with autocast:
-            module.teacher.targets(batch["global_crops"], batch["masks"], module.teacher_temperature_schedule(STEP))
+            module.teacher.targets(
+                batch["global_crops"],
+                batch["masks"],
+                module.teacher_temperature_schedule(STEP),
+                mask_indices=batch["mask_indices"],
+            )
 
     module.train()
     steps = {"full": full_step, "bare": bare_step, "teacher": teacher_step}
@@ -122,7 +146,8 @@ def main() -> None:
     print(
         f"config: {preset['arch']} {preset['overrides']} batch {images}, 2x{preset['global_size']} + "
         f"{preset['num_local']}x{preset['local_size']} crops, heads {preset['prototypes']} prototypes"
-        f"{', bf16 autocast' if device.type == 'cuda' else ', fp32'}{', compiled' if args.compile else ''}"
+        f"{', bf16 autocast' if device.type == 'cuda' else ', fp32'}{', compiled backbones' if args.compile else ''}"
+        f"{', compiled parts (compile=True)' if args.compile_all else ''}"
         f"{', fused AdamW' if args.fused else ''}"
     )
     print(f"median of {args.rounds} rounds x {args.steps_per_round} steps")
@@ -136,6 +161,14 @@ def main() -> None:
     )
     if device.type == "cuda":
         print(memory_and_mfu(full_step, full, device))
+    if args.sync_debug and device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            full_step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        print("sync debug: the full step ran under set_sync_debug_mode('error') (no host sync)")
 
 
 if __name__ == "__main__":
