@@ -224,3 +224,50 @@ def test_the_head_and_loss_part_compiles_as_one_graph():
     assert set(got) == {"dino_global", "dino_local", "ibot", "koleo", "loss"}
     for name, value in expected.items():
         torch.testing.assert_close(got[name], value, rtol=1e-6, atol=0, msg=name)
+
+
+class SyncDebugError(L.Callback):
+    """From batch 1 on (batch 0 creates AdamW's state), each training batch runs under CUDA's sync debug mode
+    "error": any host sync between the batch's start and its end raises."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx >= 1:
+            torch.cuda.set_sync_debug_mode("error")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA's sync debug mode needs a GPU")
+def test_on_cuda_the_fused_training_step_runs_under_sync_debug_error(tmp_path):
+    """Not run on the CPU-only development machine: the device check of the step (losses, backward, clipping, the
+    finite check, fused AdamW, EMA, Gram schedule) for a machine with a GPU."""
+    L.seed_everything(0)
+    module = make_module(fused=True, gram=True)
+    fit = trainer(
+        tmp_path,
+        accelerator="gpu",
+        max_steps=4,
+        enable_checkpointing=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        callbacks=[SyncDebugError(), InjectNaN({2})],
+    )
+    try:
+        fit.fit(module, tiny_data())
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert fit.global_step == 4 and int(module.skipped_steps) == 1
+
+
+def test_distillation_compiles_its_students_and_teacher_with_the_eager_names(tmp_path_factory):
+    from tests.test_distillation import distillation, teacher_ckpt
+
+    path = teacher_ckpt.__wrapped__(tmp_path_factory)
+    eager, compiled = distillation(path), distillation(path, compile=DYNAMO_ONLY)
+    assert compiled.students["small"].backbone.vit.blocks[0]._compiled_call_impl is not None
+    assert compiled.teacher.dino_head._compiled_call_impl is not None
+    assert list(compiled.state_dict()) == list(eager.state_dict())
+    compiled.load_state_dict(eager.state_dict())
+    # The compiled parts are DINOSSLModule's (their numerics are checked above); the EMAs stay eager.
+    assert compiled.student_emas["small"].average.backbone.vit.blocks[0]._compiled_call_impl is None

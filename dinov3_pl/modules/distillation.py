@@ -80,6 +80,18 @@ class _Distillation(PretrainingModule):
         self.student_emas = nn.ModuleDict({name: EMA(student) for name, student in students.items()})
         self._teacher_fingerprint = _fingerprint(self.teacher)
 
+    def _compile_parts(self, compile: bool | dict) -> None:
+        """``compile`` (true, false or torch.compile arguments): compiles the students' and the teacher's parts in
+        place (blocks, heads, losses, Sinkhorn-Knopp; names and checkpoints unchanged). The EMAs stay eager."""
+        if not isinstance(compile, bool | dict):
+            raise ValueError(f"compile must be true, false or a dict of torch.compile arguments, got {compile!r}")
+        self.compiled = compile is not False
+        if not self.compiled:
+            return
+        options = compile if isinstance(compile, dict) else {}
+        for part in (*self.students.values(), self.teacher):
+            part.compile_parts(**options)
+
     def trained_modules(self) -> dict[str, dict[str, nn.Module]]:
         return {name: student.trained_modules() for name, student in self.students.items()}
 
@@ -147,6 +159,7 @@ class DistillationModule(_Distillation):
         loss: loss weights and temperatures, shared by the students (centering is Sinkhorn-Knopp, as upstream's
             multi-distillation always does).
         max_consecutive_bad_steps, knn_ks, knn_temperature: see ``PretrainingModule``.
+        compile: as ``DINOSSLModule``'s: the students' and the teacher's blocks, heads, losses and Sinkhorn-Knopp.
     """
 
     def __init__(
@@ -157,6 +170,7 @@ class DistillationModule(_Distillation):
         max_consecutive_bad_steps: int = 10,
         knn_ks: tuple[int, ...] = (10, 20),
         knn_temperature: float = 0.07,
+        compile: bool | dict = False,
     ) -> None:
         super().__init__(teacher, students, max_consecutive_bad_steps, knn_ks, knn_temperature)
         self.loss_config = loss = _config(LossConfig, loss)
@@ -188,6 +202,7 @@ class DistillationModule(_Distillation):
             # crops unmasked; the iBOT masks only pick the patches whose outputs are compared with the teacher's.
             students[name] = DINOStudent(backbone, dino_head, use_ibot, loss, mask_inputs=False)
         self._finish_students(students)
+        self._compile_parts(compile)
 
     def build_method_schedules(self) -> None:
         super().build_method_schedules()
