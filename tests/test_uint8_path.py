@@ -78,6 +78,16 @@ def test_transforms_in_uint8_then_normalised_equal_the_float_path_bit_for_bit():
     assert evaluated.dtype == torch.uint8 and torch.equal(normalise_uint8(evaluated), EvalTransform(16)(image))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_normalising_on_cuda_is_bit_identical_to_the_workers_float_path():
+    """What training on a GPU does: the uint8 crop normalised on the device equals the float32 crop of the CPU path
+    (a tensor divisor keeps torch's CUDA division IEEE-exact; a CPU-scalar one would become a reciprocal multiply)."""
+    values = torch.arange(256, dtype=torch.uint8).view(1, 16, 16).expand(3, 16, 16).contiguous()
+    image = values.permute(1, 2, 0).numpy()
+    transform = EvalTransform(16, resize_size=16)
+    assert torch.equal(normalise_uint8(values.cuda()).cpu(), transform(image))
+
+
 class _RecordBatches(pl.LightningModule):
     """Keeps every batch Lightning hands to the training and validation steps."""
 
