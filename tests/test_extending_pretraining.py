@@ -139,7 +139,7 @@ def test_a_frozen_teacher_is_used_and_the_student_ema_is_what_gets_evaluated(tea
 def test_a_new_loss_term_is_added_and_logged():
     module = VarianceRegularisedSSL(variance_weight=0.5, **tiny_module(lr_scaling="none").hparams)
     module._build_schedules()
-    batch = next(iter(_loader()))
+    batch = _batch()
     losses = module.compute_losses(batch, step=0)
     assert "variance" in losses
     plain = {key: value for key, value in losses.items() if key not in ("variance", "loss")}
@@ -147,10 +147,12 @@ def test_a_new_loss_term_is_added_and_logged():
     torch.testing.assert_close(losses["loss"], expected)
 
 
-def _loader():
+def _batch() -> dict:
+    """One training batch as the step sees it: the crops leave the workers as uint8 and the DataModule normalises
+    them after the (here: no) device transfer, as Lightning does."""
     data = tiny_data()
     data.setup("fit")
-    return data.train_dataloader()
+    return data.on_after_batch_transfer(next(iter(data.train_dataloader())), 0)
 
 
 def _weighted(module: DINOSSLModule, terms: dict) -> dict:
@@ -171,5 +173,5 @@ def test_switched_off_terms_are_not_built_or_computed():
     module._build_schedules()
     assert module.student.ibot_head is None and module.teacher.ibot_head is None
     assert not any("ibot" in name for name, _ in module.named_parameters())
-    losses = module.compute_losses(next(iter(_loader())), step=0)
+    losses = module.compute_losses(_batch(), step=0)
     assert set(losses) == {"dino_global", "dino_local", "loss"}
