@@ -103,7 +103,7 @@ class PretrainingModule(L.LightningModule):
         # The device verdict of the optimizer step just taken (fused AdamW path): 1.0 where it was dropped.
         self._dropped_on_device: Tensor | None = None
         self._bad_streak_on_device: Tensor | None = None
-        # (step, host copy of [dropped, streak, skipped], CUDA event or None) not read yet.
+        # (step, host copy of [dropped, streak], CUDA event or None) of the device verdicts not read yet.
         self._pending_verdicts: list[tuple[int, Tensor, Any]] = []
         self._last_skip_reason: str | None = None
         self._step = 0  # the optimizer step the current batch trains (global_step moves on inside the batch)
