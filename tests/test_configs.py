@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 from dinov3_pl.cli import main as cli_main
 
@@ -77,3 +78,30 @@ def test_7b_derived_recipes_count_upstream_epochs_of_1000_iterations():
     assert optim["freeze_last_layer_steps"] == 5 * 1000
     assert gram["ramp_steps"] == 1 * 1000
     assert gram["first_refresh_step"] - gram["start_step"] == gram["refresh_every"] == 10_000
+
+
+def test_small_data_cpu_recipe_trains_on_an_image_folder(tmp_path):
+    """The recipe for a user's own folder runs as shipped (only the root, batch and length overridden)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for index in range(8):
+        Image.fromarray(rng.integers(0, 256, (120, 100, 3), dtype=np.uint8)).save(tmp_path / f"{index}.png")
+    cli = cli_main(
+        [
+            "fit",
+            "--config",
+            "configs/pretrain/small_data_cpu.yaml",
+            f"--data.init_args.train.init_args.root={tmp_path}",
+            "--data.init_args.batch_size=4",
+            "--data.init_args.num_workers=0",
+            "--trainer.fast_dev_run=1",
+            "--trainer.logger=false",
+            "--trainer.callbacks=[]",
+            "--trainer.enable_progress_bar=false",
+            f"--trainer.default_root_dir={tmp_path}",
+        ]
+    )
+    assert cli.trainer.global_step == 1
+    assert torch.isfinite(cli.trainer.callback_metrics["train/loss_total"])
