@@ -104,7 +104,7 @@ def run_steps(module: DINOSSLModule, num_steps: int = 3) -> list[float]:
         # dynamo's capture of every part with the eager backend: ~6 s on 2 cores.
         "eager",
         # + AOT autograd's forward/backward graphs: 22-48 s on 2 shared cores.
-        pytest.param("aot_eager", marks=pytest.mark.slow),
+        pytest.param("aot_eager", marks=pytest.mark.compile_backend),
     ],
 )
 def test_three_compiled_steps_give_the_eager_losses(backend):

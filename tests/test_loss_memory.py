@@ -181,7 +181,7 @@ def test_ibot_part_compiles_fullgraph_with_precomputed_fields():
     _compiled_ibot_part("aot_eager")
 
 
-@pytest.mark.slow
+@pytest.mark.compile_backend
 def test_ibot_part_compiles_fullgraph_inductor():
     """The same with inductor's C++ code generation: ~95 s on 2 shared CPU cores."""
     _compiled_ibot_part("inductor")
