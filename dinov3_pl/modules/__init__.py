@@ -5,6 +5,7 @@ from dinov3_pl.modules.bank_query import BankQueryEvaluation, IndexedRows
 from dinov3_pl.modules.depth import LinearDepth
 from dinov3_pl.modules.detection import Detection
 from dinov3_pl.modules.distillation import DistillationModule, FeatureDistillationModule
+from dinov3_pl.modules.feature_cache import FeatureCache
 from dinov3_pl.modules.features import FeatureExtractor
 from dinov3_pl.modules.frozen import FrozenBackboneModule
 from dinov3_pl.modules.knn import KNN
@@ -38,6 +39,7 @@ __all__ = [
     "Detection",
     "DistillationModule",
     "DistillationTeacherConfig",
+    "FeatureCache",
     "FeatureDistillationModule",
     "FeatureExtractor",
     "FeatureLossConfig",

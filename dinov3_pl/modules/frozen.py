@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from dinov3_pl.models.weights import build_backbone
+from dinov3_pl.modules.feature_cache import FeatureCache
 
 __all__ = [
     "FeatureType",
@@ -129,6 +130,10 @@ class FrozenBackboneModule(L.LightningModule):
         cache_eval_features: keep the features of validation/test/predict samples in memory, keyed by
             ``(stage, dataloader index, sample index)``, so a backbone pass is done once per sample. Needs batches
             with an ``"indices"`` entry and a deterministic (non-augmented) eval transform.
+        feature_cache_gb: bound on that cache's CPU memory per process (GiB, all stages together); samples that do
+            not fit are embedded again at every pass (one warning). See ``dinov3_pl.modules.feature_cache`` for sizes.
+        feature_cache_dtype: storage type of cached features: ``"float32"`` (exact) or ``"bfloat16"`` (half the
+            memory; the features a GPU computes under bf16 autocast lose little more).
     """
 
     def __init__(
@@ -139,6 +144,8 @@ class FrozenBackboneModule(L.LightningModule):
         feature_type: FeatureType = "cls",
         n_last_blocks: int = 1,
         cache_eval_features: bool = False,
+        feature_cache_gb: float = 4.0,
+        feature_cache_dtype: Literal["float32", "bfloat16"] = "float32",
     ) -> None:
         super().__init__()
         if feature_type not in FEATURE_TYPES:
@@ -163,7 +170,7 @@ class FrozenBackboneModule(L.LightningModule):
             class_token_dims=class_token_dims(self.backbone, n_last_blocks),
         )
         self.trainable_backbone_modules: list[nn.Module] = []
-        self._feature_cache: dict[tuple[str, int], dict[int, Tensor]] = {}
+        self._feature_cache = FeatureCache(int(feature_cache_gb * 2**30), feature_cache_dtype)
         self.backbone.requires_grad_(False)
         self.backbone.eval()
 
@@ -331,26 +338,32 @@ class FrozenBackboneModule(L.LightningModule):
 
     # ------------------------------------------------------------------------------------ feature cache
     def batch_features(self, batch: dict[str, Any], stage: str, dataloader_idx: int = 0) -> Tensor:
-        """``features(batch["images"])``, served from the in-memory feature cache when it applies.
+        """``features(batch["images"])``, with the rows seen before served from the bounded feature cache.
 
         The cache is used while the backbone is frozen, for batches with ``"indices"``, in the validation/test/predict
         stages (``stage`` in {"val", "test", "predict"}) when ``cache_eval_features`` is on, and in ``"train"`` only
-        when a subclass sets ``self.cache_train_features = True`` (correct only without random augmentation).
+        when a subclass sets ``self.cache_train_features = True`` (correct only without random augmentation). Only
+        the rows of a batch that are not cached go through the backbone.
         """
         images = batch["images"]
         indices = batch.get("indices")
         enabled = self.cache_train_features if stage == "train" else self.cache_eval_features
         if not enabled or not self.backbone_frozen or indices is None:
             return self.features(images)
-        store = self._feature_cache.setdefault((stage, dataloader_idx), {})
-        keys = [int(i) for i in indices]
-        if all(key in store for key in keys):
-            return torch.stack([store[key] for key in keys]).to(self.device)
-        feats = self.features(images)
-        # CPU copies: eval features of a large set should not pin accelerator memory.
-        for key, row in zip(keys, feats.detach().cpu(), strict=True):
-            store[key] = row.clone()
-        return feats
+        key = (stage, dataloader_idx)
+        indices = torch.as_tensor(indices).cpu()
+        hits, cached = self._feature_cache.lookup(key, indices)
+        if cached is None:
+            feats = self.features(images)
+            self._feature_cache.store(key, indices, feats)
+            return feats
+        if bool(hits.all()):
+            return cached.to(self.device)
+        missing = ~hits
+        fresh = self.features(images[missing.to(images.device)])
+        self._feature_cache.store(key, indices[missing], fresh)
+        cached[missing] = fresh.detach().cpu()
+        return cached.to(self.device)
 
     def clear_feature_cache(self) -> None:
         """Drops cached eval features (call it if the eval data change between runs)."""
