@@ -405,7 +405,10 @@ def test_benchmark_config_names_the_released_backbone_and_runs_on_the_layout(con
     assert (
         model["arch"] == "vit_small_patch16_dinov3_qkvb" and model["weights"] == "dinov3_vits16_pretrain_lvd1689m.pth"
     )
-    assert (model["feature_type"], data["image_size"], data["size_multiple"], data["batch_size"]) == ("cls", 224, 16, 1)
+    assert (model["feature_type"], data["size_multiple"], data["batch_size"]) == ("cls", 16, 1)
+    # facebookresearch/dino's README commands: Oxford --imsize 224 --multiscale 0, Paris --imsize 512 --multiscale 1
+    size, scales = (224, [1.0]) if name == "roxford5k" else (512, [1.0, 2**-0.5, 0.5])
+    assert data["image_size"] == size and model["scales"] == pytest.approx(scales)
     database, queries = data["database"]["init_args"], data["queries"]["init_args"]
     assert database["root"] == queries["root"] and (database["split"], queries["split"]) == ("database", "queries")
     header = (CONFIGS / f"{config}.yaml").read_text()
@@ -434,3 +437,23 @@ def test_synthetic_config_validates(tmp_path):
     )
     assert set(metrics) == {"retrieval/mAP", "retrieval/mP@1", "retrieval/mP@5", "retrieval/mP@10"}
     assert all(0 <= value <= 1 for value in metrics.values())
+
+
+def test_multiscale_features_average_the_scales_as_dinos_retrieval_script():
+    """scales [1, 1/sqrt(2), 1/2]: the mean of the CLS features of the bilinearly resized image (floored sides), each
+    cut to whole patches (what a strided patch embedding sees), against sizes worked out by hand for a 45x61 image."""
+    torch.manual_seed(0)
+    model = Retrieval(backbone_kwargs=TINY, scales=[1.0, 2**-0.5, 0.5])
+    images = torch.randn(2, 3, 45, 61)
+    by_hand = []
+    for size, kept in (((45, 61), (40, 56)), ((31, 43), (24, 40)), ((22, 30), (16, 24))):
+        resized = torch.nn.functional.interpolate(images, size=size, mode="bilinear", align_corners=False)
+        by_hand.append(model.backbone(resized[..., : kept[0], : kept[1]])["cls"])
+    torch.testing.assert_close(model.features(images), torch.stack(by_hand).mean(0))
+    single = Retrieval(backbone_kwargs=TINY)
+    single.load_state_dict(model.state_dict())
+    torch.testing.assert_close(single.features(images[..., :40, :56]), by_hand[0])
+    with pytest.raises(ValueError, match="scales"):
+        Retrieval(backbone_kwargs=TINY, scales=[1.0, 2.0])
+    with pytest.raises(ValueError, match="smaller than one"):
+        Retrieval(backbone_kwargs=TINY, scales=[0.1]).features(images)

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.nn import functional as F
 
 from dinov3_pl.metrics.retrieval import (
     PROTOCOLS,
@@ -41,6 +42,10 @@ class Retrieval(BankQueryEvaluation):
             ``FrozenBackboneModule``. The DINO family's retrieval evaluations use the class token (``"cls"``).
         ks: cut-offs of the mean precision at k (revisitop: 1, 5, 10).
         query_chunk_size: queries ranked at once (memory: ``query_chunk_size × database`` similarities).
+        scales: image scales whose features are averaged (before the L2 normalisation). ``[1]`` is one scale;
+            ``[1, 0.7071, 0.5]`` is the multi-scale descriptor of facebookresearch/dino's retrieval script (its
+            ``--multiscale 1``): each scale bilinearly resized (``align_corners=False``, sides floored), the pixels
+            past the last whole patch left out, as that ViT's patch embedding leaves them.
     """
 
     metric_prefix = "retrieval"
@@ -55,11 +60,14 @@ class Retrieval(BankQueryEvaluation):
         cache_eval_features: bool = False,
         ks: Sequence[int] = (1, 5, 10),
         query_chunk_size: int = 1024,
+        scales: Sequence[float] = (1.0,),
     ) -> None:
         if not ks or any(int(k) < 1 for k in ks):
             raise ValueError(f"ks must be a non-empty list of cut-offs >= 1, got {list(ks)}")
         if query_chunk_size < 1:
             raise ValueError(f"query_chunk_size must be at least 1, got {query_chunk_size}")
+        if not scales or any(not 0 < float(scale) <= 1 for scale in scales):
+            raise ValueError(f"scales must be a non-empty list of factors in (0, 1], got {list(scales)}")
         super().__init__(
             arch=arch,
             weights=weights,
@@ -71,6 +79,26 @@ class Retrieval(BankQueryEvaluation):
         self.save_hyperparameters()
         self.ks = tuple(int(k) for k in ks)
         self.query_chunk_size = int(query_chunk_size)
+        self.scales = tuple(float(scale) for scale in scales)
+
+    def features(self, images: Tensor, feature_type: str | None = None, n_last_blocks: int | None = None) -> Tensor:
+        """The base class's features, averaged over ``scales``."""
+        if self.scales == (1.0,):
+            return super().features(images, feature_type, n_last_blocks)
+        total = None
+        for scale in self.scales:
+            resized = images
+            if scale != 1.0:
+                resized = F.interpolate(images, scale_factor=scale, mode="bilinear", align_corners=False)
+            height, width = (side - side % self.patch_size for side in resized.shape[-2:])
+            if not height or not width:
+                raise ValueError(
+                    f"scale {scale} makes the {tuple(images.shape[-2:])} image smaller than one "
+                    f"{self.patch_size}-pixel patch"
+                )
+            features = super().features(resized[..., :height, :width], feature_type, n_last_blocks)
+            total = features if total is None else total + features
+        return total / len(self.scales)
 
     def batch_features(self, batch: dict[str, Any], stage: str, dataloader_idx: int = 0) -> Tensor:
         height, width = batch["images"].shape[-2:]
