@@ -179,3 +179,17 @@ def test_bad_arguments_are_reported():
         FrozenBackboneModule(backbone_kwargs=TINY, n_last_blocks=4)
     with pytest.raises(ValueError, match="n_last_blocks"):
         FrozenBackboneModule(backbone_kwargs=TINY, n_last_blocks=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_frozen_features_run_in_bf16_on_gpu_and_come_back_float32():
+    torch.manual_seed(0)
+    module = _HeadModule(backbone_kwargs=TINY).cuda()
+    block_dtypes = []
+    module.backbone.vit.blocks[0].register_forward_hook(lambda _m, _a, out: block_dtypes.append(out.dtype))
+    images = torch.randn(4, 3, 32, 32, device="cuda")
+    features = module.features(images)
+    assert block_dtypes == [torch.bfloat16] and features.dtype == torch.float32
+    with torch.autocast("cuda", enabled=False):
+        reference = module.backbone(images)["cls"]
+    torch.testing.assert_close(features, reference, rtol=0.05, atol=0.05)
