@@ -6,16 +6,15 @@
         --output runs/suite/random
     dinov3-pl evaluate --compare runs/suite/teacher runs/suite/random
 
-A task is an evaluation config (``configs/eval/*.yaml``), the stage to run it with (``fit``, ``validate``, ``test``),
-the metric keys to report and overrides of that config. The backbone is given once and reaches every task as its
-``model.init_args.{arch, weights, backbone_kwargs}``. Each task runs in-process through ``dinov3_pl.cli`` in its own
-folder ``OUTPUT/<task>/`` (TensorBoard logs, checkpoints, ``task.json`` = what it runs, ``result.json`` = every
-metric it logged once it finished). Running the same command again skips finished tasks and resumes an unfinished
-``fit`` from its newest readable checkpoint; a folder that holds a run of another backbone, config or overrides is
-refused rather than mixed in. At the end ``OUTPUT/results.json``, ``OUTPUT/results.md`` (the table) and TensorBoard
-hparams (backbone and metrics, ``tensorboard --logdir`` on the parent folder lists the backbones side by side).
-docs/evaluation.md describes the YAML format.
-"""
+A task is an evaluation config (``configs/eval/*.yaml``), the stage to run it with (``fit``, ``validate``,
+``test``), the metric keys to report and overrides of that config. The backbone is given once and reaches every task
+as its ``model.init_args.{arch, weights, backbone_kwargs}``. Each task runs in-process through ``dinov3_pl.cli`` in
+its own folder ``OUTPUT/<task>/`` (TensorBoard logs, checkpoints, ``task.json`` = what it runs, ``result.json`` =
+every metric it logged once it finished, with the code version that ran it). Running the same command again skips
+finished tasks and resumes an unfinished ``fit`` from its newest readable checkpoint; a folder that holds a run of
+another backbone, config or overrides is refused rather than mixed in. At the end ``OUTPUT/results.json``,
+``OUTPUT/results.md`` (the table) and TensorBoard hparams (backbone and metrics, ``tensorboard --logdir`` on the
+parent folder lists the backbones side by side). docs/evaluation.md describes the YAML format."""
 
 from __future__ import annotations
 
@@ -24,6 +23,7 @@ import contextlib
 import io
 import json
 import math
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -55,6 +55,36 @@ TASK_FIELDS = ("config", "stage", "metrics", "overrides")
 RESULT_FILE = "result.json"
 SPEC_FILE = "task.json"
 MISSING = "—"
+
+
+def code_version() -> dict[str, Any]:
+    """What produced a result: the dinov3-pl version, its git commit and whether the checkout had local changes
+    (``None`` outside a git checkout, e.g. an installed wheel), and the versions of the libraries that set the
+    numerics."""
+    import lightning
+    import timm
+
+    from dinov3_pl import __version__
+
+    source = Path(__file__).resolve().parent
+
+    def git(*arguments: str) -> str | None:
+        try:
+            done = subprocess.run(["git", *arguments], cwd=source, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    changes = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    return {
+        "dinov3_pl": __version__,
+        "commit": commit,
+        "modified": bool(changes) if changes is not None else None,
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "lightning": lightning.__version__,
+    }
 
 
 class SuiteError(ValueError):
@@ -346,6 +376,7 @@ def _run_task(
         "seconds": round(time.perf_counter() - start, 1),
         "resumed_from": resumed_from,
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "code": code_version(),
     }
     # Written only now: a run that raised or was stopped by a signal leaves task.json alone, so it is resumed.
     partial = result_file.with_suffix(".json.partial")

@@ -10,8 +10,10 @@ import signal
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
+import dinov3_pl
 from dinov3_pl import suite as suite_module
 from dinov3_pl.cli import console_main
 from dinov3_pl.cli import main as cli_main
@@ -100,6 +102,9 @@ def test_a_two_task_suite_writes_both_tables_and_hparams_and_a_rerun_skips_the_f
     assert f"| knn | top-1 k=20 | {reported[('knn', 'knn/top1_k20')] * 100:.1f}% |" in table
     assert f"| linear | top-1 | {reported[('linear', 'linear/top1')] * 100:.1f}% |" in table
     assert (output / "linear" / "checkpoints" / "last.ckpt").exists()  # each task in its own folder
+    code = saved["tasks"]["knn"]["code"]  # what produced the numbers
+    assert code["torch"] == torch.__version__ and code["dinov3_pl"] == dinov3_pl.__version__
+    assert code["commit"] is None or len(code["commit"]) == 40
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
