@@ -38,35 +38,12 @@ from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import BF16_PEAK_TFLOPS, device_line, median_seconds  # noqa: E402
+from timing import BF16_PEAK_TFLOPS, PRESETS, device_line, median_seconds  # noqa: E402
 
 from dinov3_pl.data.datasets import ImageFolder  # noqa: E402
 from dinov3_pl.data.multicrop import MultiCropDataModule  # noqa: E402
 from dinov3_pl.modules.ssl import DINOSSLModule  # noqa: E402
 from dinov3_pl.modules.ssl_config import BackboneConfig, HeadConfig, OptimConfig  # noqa: E402
-
-PRESETS = {
-    # Seconds per step on 2 CPU cores.
-    "tiny": dict(
-        arch="vit_small_patch16_dinov3",
-        overrides=dict(depth=4, embed_dim=192, num_heads=3),
-        batch=8,
-        global_size=96,
-        local_size=48,
-        num_local=4,
-        head=(4096, 512, 128),
-    ),
-    # The upstream ViT-S/16 recipe: 2x224 + 8x96 crops, 65536-prototype heads.
-    "vits16": dict(
-        arch="vit_small_patch16_dinov3",
-        overrides={},
-        batch=128,
-        global_size=224,
-        local_size=96,
-        num_local=8,
-        head=(65536, 2048, 256),
-    ),
-}
 
 
 def write_jpegs(folder: Path, count: int, seed: int = 0) -> None:

@@ -26,45 +26,19 @@ from __future__ import annotations
 import argparse
 
 import torch
-from timing import device_line, make_batch, median_seconds, memory_and_mfu
+from timing import PRESETS, device_line, make_batch, median_seconds, memory_and_mfu
 
 from dinov3_pl.data.masking import ibot_mask_fields
 from dinov3_pl.modules.ssl import DINOSSLModule
 from dinov3_pl.modules.ssl_config import BackboneConfig, HeadConfig, OptimConfig
 from dinov3_pl.optim import clip_grad_norm_per_module
 
-PRESETS = {
-    # A small ViT that runs in seconds per step on 2 CPU cores.
-    "cpu": dict(
-        arch="vit_small_patch16_dinov3",
-        overrides=dict(depth=4, embed_dim=192, num_heads=3),
-        batch=8,
-        global_size=96,
-        local_size=48,
-        num_local=4,
-        prototypes=4096,
-        hidden=512,
-        bottleneck=128,
-    ),
-    # The upstream ViT-S/16 recipe: 2x224 + 8x96 crops, 65536-prototype heads.
-    "vits16": dict(
-        arch="vit_small_patch16_dinov3",
-        overrides={},
-        batch=128,
-        global_size=224,
-        local_size=96,
-        num_local=8,
-        prototypes=65536,
-        hidden=2048,
-        bottleneck=256,
-    ),
-}
 STEP = 100  # the schedules' step both timed steps use (past warm-up)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=sorted(PRESETS), default=None, help="default: cpu, or vits16 on CUDA")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None, help="default: tiny, or vits16 on CUDA")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch", type=int, default=None, help="images per step (overrides the preset)")
     parser.add_argument("--rounds", type=int, default=5)
@@ -81,11 +55,11 @@ def main() -> None:
     parser.add_argument("--fused", action="store_true", help="fused AdamW kernels (both steps)")
     args = parser.parse_args()
     device = torch.device(args.device)
-    preset = dict(PRESETS[args.preset or ("vits16" if device.type == "cuda" else "cpu")])
+    preset = dict(PRESETS[args.preset or ("vits16" if device.type == "cuda" else "tiny")])
     if args.batch:
         preset["batch"] = args.batch
     torch.manual_seed(0)
-    head = HeadConfig(preset["prototypes"], preset["hidden"], preset["bottleneck"])
+    head = HeadConfig(*preset["head"])
     module = DINOSSLModule(
         backbone=BackboneConfig(preset["arch"], timm_overrides=preset["overrides"], drop_path_rate=0.0),
         dino_head=head,
@@ -145,7 +119,7 @@ def main() -> None:
     print(device_line(device))
     print(
         f"config: {preset['arch']} {preset['overrides']} batch {images}, 2x{preset['global_size']} + "
-        f"{preset['num_local']}x{preset['local_size']} crops, heads {preset['prototypes']} prototypes"
+        f"{preset['num_local']}x{preset['local_size']} crops, heads {preset['head'][0]} prototypes"
         f"{', bf16 autocast' if device.type == 'cuda' else ', fp32'}{', compiled backbones' if args.compile else ''}"
         f"{', compiled parts (compile=True)' if args.compile_all else ''}"
         f"{', fused AdamW' if args.fused else ''}"

@@ -15,6 +15,30 @@ from torch.utils.flop_counter import FlopCounterMode
 
 BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
+# The pretraining recipes both step benchmarks time; head = (prototypes, hidden, bottleneck) of the DINO and iBOT heads.
+PRESETS = {
+    # A small ViT: seconds per step on 2 CPU cores.
+    "tiny": dict(
+        arch="vit_small_patch16_dinov3",
+        overrides=dict(depth=4, embed_dim=192, num_heads=3),
+        batch=8,
+        global_size=96,
+        local_size=48,
+        num_local=4,
+        head=(4096, 512, 128),
+    ),
+    # The upstream ViT-S/16 recipe: 2x224 + 8x96 crops, 65536-prototype heads.
+    "vits16": dict(
+        arch="vit_small_patch16_dinov3",
+        overrides={},
+        batch=128,
+        global_size=224,
+        local_size=96,
+        num_local=8,
+        head=(65536, 2048, 256),
+    ),
+}
+
 
 def make_batch(batch: int, global_size: int, local_size: int, num_local: int, patch: int, device) -> dict:
     """Random crops and masks with upstream's iBOT statistics (half the global crops masked, ratios 0.1-0.5)."""
