@@ -302,3 +302,38 @@ def test_healthy_run_prints_nothing(tmp_path):
     # It is healthy, not merely short: informative targets and spread features in the second half.
     scalars = {key: values[steps // 2 :] for key, values in logged_scalars(logger).items()}
     assert min(scalars["health/target_entropy_over_ln_k"]) < 0.9 and min(scalars["health/cls_std"]) > 0.1
+
+
+def test_a_resumed_run_keeps_the_warnings_given_and_the_states_in_progress(tmp_path):
+    """The softmax collapse of the test above, stopped after 4 steps (the state already holding) and resumed from
+    its checkpoint: the warning comes at the step of the uninterrupted run (the run of the state was restored),
+    and a second resume after it does not repeat it."""
+    steps = 12
+
+    def run(max_steps: int, ckpt_path=None) -> tuple[list[str], TrainingHealth]:
+        L.seed_everything(0)
+        trainer = L.Trainer(
+            max_steps=max_steps,
+            accelerator="cpu",
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            default_root_dir=tmp_path,
+            enable_checkpointing=False,
+        )
+        module = tiny_module(steps, loss={"centering": "softmax", "center_momentum": 0.99})
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.fit(module, tiny_data(steps), ckpt_path=ckpt_path)
+        trainer.save_checkpoint(tmp_path / f"step{max_steps}.ckpt")
+        health = next(c for c in trainer.callbacks if isinstance(c, TrainingHealth))
+        return [str(w.message) for w in caught if issubclass(w.category, TrainingHealthWarning)], health
+
+    whole, _ = run(steps)
+    assert len(whole) == 1
+    first, health = run(4)
+    assert first == [] and "few_prototypes" in health._since
+    resumed, health = run(steps - 2, tmp_path / "step4.ckpt")
+    assert resumed == whole  # same message: same start of the state, same step
+    again, health = run(steps, tmp_path / f"step{steps - 2}.ckpt")
+    assert again == [] and health.warned == {"few_prototypes"}

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
+from typing import Any
 
 import lightning as L
 import torch
@@ -201,6 +202,7 @@ class TrainingHealth(L.Callback):
         self.thresholds = HealthThresholds(**(thresholds or {}))
         self.warned: set[str] = set()
         self._since: dict[str, int] = {}  # state -> first step of its current run of consecutive checks
+        self._restored = False  # load_state_dict ran (a resumed fit): on_train_start keeps what it restored
         self._every = 1
         self._grace = 0
         self.last_stats: dict[str, float] = {}
@@ -218,7 +220,17 @@ class TrainingHealth(L.Callback):
         else:
             schedules = getattr(pl_module, "owner_schedules", {})
             self._grace = max((s["phases"]["optim.warmup_steps"] for s in schedules.values()), default=0)
-        self._since = {}
+        if not self._restored:  # a resumed run continues the runs of states (and the warnings given) it left
+            self._since = {}
+        self._restored = False
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"warned": sorted(self.warned), "since": dict(self._since)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.warned = set(state_dict.get("warned", []))
+        self._since = {str(state): int(step) for state, step in state_dict.get("since", {}).items()}
+        self._restored = True
 
     def _due(self, step: int) -> bool:
         # The steps Lightning logs train/* at (log_every_n_steps: steps n-1, 2n-1, ...), so the curves line up.
