@@ -193,3 +193,28 @@ def test_frozen_features_run_in_bf16_on_gpu_and_come_back_float32():
     with torch.autocast("cuda", enabled=False):
         reference = module.backbone(images)["cls"]
     torch.testing.assert_close(features, reference, rtol=0.05, atol=0.05)
+
+
+def test_skipped_images_are_counted_logged_and_warned_per_stage():
+    """Batches that report dropped unreadable images (``num_bad_images``, as the DataModules' collates do): the
+    evaluation logs how many per stage and warns; a clean epoch logs nothing."""
+
+    def loader(bad_per_batch: list[int]) -> DataLoader:
+        data = _Images(4 * len(bad_per_batch))
+
+        def collate(samples):
+            batch = torch.utils.data.default_collate(samples)
+            return {**batch, "num_bad_images": bad_per_batch[int(batch["indices"][0]) // 4]}
+
+        return DataLoader(data, batch_size=4, collate_fn=collate)
+
+    torch.manual_seed(0)
+    module = _HeadModule(backbone_kwargs=TINY)
+    trainer = _trainer(max_epochs=1, num_sanity_val_steps=0)
+    with pytest.warns(UserWarning, match=r"val: 3 unreadable image\(s\) were skipped"):
+        trainer.fit(module, train_dataloaders=loader([1, 0]), val_dataloaders=loader([2, 0, 1]))
+    assert trainer.callback_metrics["data/bad_images_train"] == 1
+    assert trainer.callback_metrics["data/bad_images_val"] == 3
+    clean = _trainer()
+    clean.validate(_HeadModule(backbone_kwargs=TINY), loader([0, 0]))
+    assert "data/bad_images_val" not in clean.callback_metrics

@@ -174,6 +174,12 @@ class FrozenBackboneModule(L.LightningModule):
         self.backbone.requires_grad_(False)
         self.backbone.eval()
 
+    def configure_callbacks(self) -> list[L.Callback]:
+        """``BadImageCount``: logs and warns how many unreadable images each stage skipped (``num_bad_images``)."""
+        from dinov3_pl.callbacks.bad_images import BadImageCount
+
+        return [BadImageCount()]
+
     # ------------------------------------------------------------------------------------ freezing and modes
     @property
     def backbone_frozen(self) -> bool:
