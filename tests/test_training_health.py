@@ -184,8 +184,11 @@ def tiny_data(steps: int) -> MultiCropDataModule:
     )
 
 
-def fit(module: DINOSSLModule, steps: int, logger=False) -> tuple[list[str], TrainingHealth]:
-    """Fits ``steps`` steps; returns the training-health warnings and the callback."""
+def fit(
+    module: DINOSSLModule, steps: int, logger=False, data_steps: int | None = None, ckpt_path=None, save_to=None
+) -> tuple[list[str], TrainingHealth]:
+    """Fits up to step ``steps`` (from ``ckpt_path`` if given; the data sized for ``data_steps``, default ``steps``),
+    saves a checkpoint to ``save_to`` if given; returns the training-health warnings and the callback."""
     L.seed_everything(0)
     trainer = L.Trainer(
         max_steps=steps,
@@ -197,7 +200,9 @@ def fit(module: DINOSSLModule, steps: int, logger=False) -> tuple[list[str], Tra
     )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        trainer.fit(module, tiny_data(steps))
+        trainer.fit(module, tiny_data(data_steps or steps), ckpt_path=ckpt_path)
+    if save_to is not None:
+        trainer.save_checkpoint(save_to)
     health = next(c for c in trainer.callbacks if isinstance(c, TrainingHealth))
     return [str(w.message) for w in caught if issubclass(w.category, TrainingHealthWarning)], health
 
@@ -311,23 +316,9 @@ def test_a_resumed_run_keeps_the_warnings_given_and_the_states_in_progress(tmp_p
     steps = 12
 
     def run(max_steps: int, ckpt_path=None) -> tuple[list[str], TrainingHealth]:
-        L.seed_everything(0)
-        trainer = L.Trainer(
-            max_steps=max_steps,
-            accelerator="cpu",
-            logger=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            default_root_dir=tmp_path,
-            enable_checkpointing=False,
-        )
         module = tiny_module(steps, loss={"centering": "softmax", "center_momentum": 0.99})
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            trainer.fit(module, tiny_data(steps), ckpt_path=ckpt_path)
-        trainer.save_checkpoint(tmp_path / f"step{max_steps}.ckpt")
-        health = next(c for c in trainer.callbacks if isinstance(c, TrainingHealth))
-        return [str(w.message) for w in caught if issubclass(w.category, TrainingHealthWarning)], health
+        save_to = tmp_path / f"step{max_steps}.ckpt"
+        return fit(module, max_steps, data_steps=steps, ckpt_path=ckpt_path, save_to=save_to)
 
     whole, _ = run(steps)
     assert len(whole) == 1
