@@ -43,15 +43,17 @@ from dinov3_pl.cli import main as cli_main  # noqa: E402
 MODEL = "--model.init_args."
 DATA = "--data.init_args."
 
-# study -> base config, default steps, labelled-monitor overrides, {variant: (what it changes, overrides)}
+# study -> base config, default steps, overrides of every variant (monitor size, pinned values), {variant: (what it
+# changes, overrides)}
 STUDIES: dict[str, dict] = {
     "fashion_mnist": {
         "config": "configs/pretrain/fashion_mnist_cpu.yaml",
         "steps": 150,
-        # a larger monitor than the config's (5k / 1k): 10k train images as the bank, 2k test images as queries
-        "monitor": [f"{DATA}knn_bank_size=10000", f"{DATA}knn_query_size=2000"],
+        # a larger monitor than the config's (5k / 1k): 10k train images as the bank, 2k test images as queries;
+        # the config's LR before this study moved it to 2e-3 (lr_x2), so every variant here has the base it had
+        "base_overrides": [f"{DATA}knn_bank_size=10000", f"{DATA}knn_query_size=2000", f"{MODEL}optim.lr=1.0e-3"],
         "variants": {
-            "base": ("configs/pretrain/fashion_mnist_cpu.yaml as is", []),
+            "base": ("configs/pretrain/fashion_mnist_cpu.yaml with LR 1e-3", []),
             "upstream_teacher": (
                 "teacher temperature 0.04 -> 0.07 (warm-up 30% of the run), momentum 0.996 -> 1, LayerScale 1e-5",
                 [
@@ -79,6 +81,7 @@ STUDIES: dict[str, dict] = {
             "layerscale_1": ("LayerScale init 1.0", [f"{MODEL}backbone.timm_overrides.init_values=1.0"]),
             "lr_x2": ("base LR 2e-3 (base 1e-3)", [f"{MODEL}optim.lr=2.0e-3"]),
             "lr_x0.5": ("base LR 5e-4", [f"{MODEL}optim.lr=5.0e-4"]),
+            "lr_x4": ("base LR 4e-3", [f"{MODEL}optim.lr=4.0e-3"]),
             "prototypes_256": (
                 "256 prototypes per head (base 1024)",
                 [f"{MODEL}dino_head.num_prototypes=256", f"{MODEL}ibot_head.num_prototypes=256"],
@@ -95,12 +98,25 @@ STUDIES: dict[str, dict] = {
             "no_ibot": ("iBOT off (weight 0)", [f"{MODEL}loss.ibot_weight=0.0"]),
             "koleo_0": ("KoLeo off (base 0.1)", [f"{MODEL}loss.koleo_weight=0.0"]),
             "koleo_0.3": ("KoLeo 0.3", [f"{MODEL}loss.koleo_weight=0.3"]),
+            "mask_ratio_0.3_0.7": ("iBOT mask ratio 0.3-0.7 (base 0.1-0.5)", [f"{DATA}mask_ratio=[0.3,0.7]"]),
+            "mask_all_globals": ("iBOT masks on every global crop (base: half)", [f"{DATA}mask_probability=1.0"]),
+            "gram_from_75": (
+                "Gram anchoring from step 75 (teacher = EMA snapshot there, weight ramp 0 -> 2 over 25 steps)",
+                [f"{MODEL}gram.enabled=true", f"{MODEL}gram.start_step=75", f"{MODEL}gram.ramp_steps=25"],
+            ),
+            "batch_256": ("batch 256 (base 128; LR follows the sqrt rule)", [f"{DATA}batch_size=256"]),
+            # architecture: steps are fixed, so compare the accuracy against the wall-time column
+            "depth_8": ("8 blocks (base 4)", [f"{MODEL}backbone.timm_overrides.depth=8"]),
+            "width_192": (
+                "embed dim 192, 6 heads (base 128, 4)",
+                [f"{MODEL}backbone.timm_overrides.embed_dim=192", f"{MODEL}backbone.timm_overrides.num_heads=6"],
+            ),
         },
     },
     "embedded": {
         "config": "configs/pretrain/demo_cpu.yaml",
         "steps": 256,
-        "monitor": [],
+        "base_overrides": [],
         "variants": {
             "base": ("configs/pretrain/demo_cpu.yaml as is", []),
             "upstream_teacher": (
@@ -150,7 +166,7 @@ def variant_args(study: dict, overrides: list[str], steps: int, run_dir: Path) -
         f"--checkpoint.dirpath={run_dir}/checkpoints",
         "--checkpoint.every_n_train_steps=0",
         "--checkpoint.filename=last",
-        *study["monitor"],
+        *study["base_overrides"],
         *overrides,
     ]
 
