@@ -368,8 +368,9 @@ class FrozenBackboneModule(L.LightningModule):
         missing = ~hits
         fresh = self.features(images[missing.to(images.device)])
         self._feature_cache.store(key, indices[missing], fresh)
-        cached[missing] = fresh.detach().cpu()
-        return cached.to(self.device)
+        merged = cached.to(fresh.device)  # the new rows join on the device they were computed on
+        merged[missing.to(fresh.device)] = fresh
+        return merged
 
     def clear_feature_cache(self) -> None:
         """Drops cached eval features (call it if the eval data change between runs)."""
