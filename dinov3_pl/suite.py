@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import io
 import json
 import math
@@ -57,10 +58,11 @@ SPEC_FILE = "task.json"
 MISSING = "—"
 
 
+@functools.cache
 def code_version() -> dict[str, Any]:
     """What produced a result: the dinov3-pl version, its git commit and whether the checkout had local changes
     (``None`` outside a git checkout, e.g. an installed wheel), and the versions of the libraries that set the
-    numerics."""
+    numerics. Read once per process (two git calls), not once per task."""
     import lightning
     import timm
 
